@@ -1,0 +1,136 @@
+"""The `chattune` command: one subcommand per job. Heavy libraries are imported inside commands so
+`chattune --help` answers at once; a `ChattuneError` becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from chattune.errors import ChattuneError
+
+DEMO_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+
+
+def demo_config_tree(output_dir: str) -> dict:
+    """The embedded demo: the built-in tiny model on a bundled 400-record huanhuan slice, ~1 min on 2 cores."""
+    data = resources.files("chattune") / "assets" / "data" / "huanhuan-demo" / "huanhuan_demo.json"
+    return {
+        "model": {"name_or_path": "builtin:tiny-qwen2"},
+        "data": {"train_path": str(data), "eval_ratio": 0.05, "system_prompt": DEMO_SYSTEM_PROMPT, "max_len": 128},
+        # A randomly initialised 64-wide model needs a far larger rate and rank than a 7B one to move in a minute.
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {
+            "output_dir": output_dir,
+            "micro_batch_size": 8,
+            "grad_accum_steps": 1,
+            "epochs": 3,
+            "lr": 3e-3,
+            "warmup_ratio": 0.05,
+            "logging_steps": 10,
+            "seed": 42,
+        },
+        "eval": {"samples": 3, "max_new_tokens": 24, "batch_size": 8},
+        "track": {"backend": "none"},
+    }
+
+
+def cmd_train(args) -> int:
+    from chattune.config import load_config
+    from chattune.train import run
+
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from chattune.config import config_from_dict, parse_overrides
+    from chattune.infer import generate, load_for_inference
+    from chattune.train import run
+
+    tree = demo_config_tree(args.output_dir)
+    for key, value in parse_overrides(args.overrides):
+        sec, _, name = key.partition(".")
+        tree.setdefault(sec, {})[name] = value
+    cfg = config_from_dict(tree, "demo config")
+    out = run(cfg)
+    loaded = load_for_inference(out / "adapter")
+    question = "你是谁？"
+    answer = generate(loaded, [[{"role": "user", "content": question}]], max_new_tokens=32)[0]
+    print(f"\nThe adapter in {out / 'adapter'} answers {question!r}: {answer!r}")
+    print(f"Report: {out / 'report.html'}   Chat with it: chattune chat {out / 'adapter'}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from chattune.chat import run_chat
+    from chattune.infer import load_for_inference
+
+    loaded = load_for_inference(args.model, device=args.device)
+    run_chat(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from chattune.infer import load_for_inference, predict_file
+
+    loaded = load_for_inference(args.model, device=args.device)
+    predict_file(
+        loaded,
+        args.input,
+        args.output,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chattune", description="LoRA fine-tuning of chat models from one config file.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config (key.sub=value overrides)")
+    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="train the built-in tiny model on bundled data, offline, in about a minute")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config")
+    d.set_defaults(func=cmd_demo)
+
+    for name, helptext in [("chat", "chat with a model or adapter"), ("predict", "batch predictions")]:
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("model", help="adapter folder (out/<run>/adapter) or model directory")
+        c.add_argument("--device", default="auto")
+        c.add_argument("--max-new-tokens", type=int, default=256)
+        c.add_argument("--temperature", type=float, default=0.0)
+        if name == "predict":
+            c.add_argument("--input", required=True, help=".jsonl/.json of {messages} or {instruction, input}")
+            c.add_argument("--output", required=True, help="output .jsonl")
+            c.add_argument("--batch-size", type=int, default=8)
+        c.set_defaults(func=cmd_chat if name == "chat" else cmd_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ChattuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Typed run configuration: YAML values -> frozen dataclasses, one per pipeline stage.
+
+`load_config(path, overrides)` reads a YAML file, applies `section.key=value` overrides from the CLI,
+and checks every key and type. A mistake raises `ConfigError` naming the file and the key. Each
+stage receives only its own section; the resolved config is saved with every run and adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from chattune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-qwen2"
+    """A local model directory, a Hugging Face Hub id, a ModelScope id, or `builtin:tiny-qwen2`."""
+    source: Literal["auto", "local", "huggingface", "modelscope"] = "auto"
+    """Where a non-local id is fetched from; `auto` means Hugging Face Hub for ids, local for paths."""
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`auto`: bf16 on GPUs that support it, fp32 on CPU."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model (needed by some models, e.g. older ERNIE releases). Off unless set."""
+    attn_implementation: str = "auto"
+    """`auto` picks the fastest correct kernel for the device and packing; or `sdpa`, `eager`, `flash_attention_2`."""
+    chat_template: str | None = None
+    """Path to a Jinja chat template, for models whose tokenizer has none. Default: the tokenizer's own."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = ""
+    """Training data: .json (array) or .jsonl of alpaca {instruction, input, output} or {messages: [...]} records."""
+    eval_path: str | None = None
+    """Held-out data; when unset, `eval_ratio` of the training file is split off (deterministic from the seed)."""
+    eval_ratio: float = 0.0
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    converter: Literal["news_cls", "disc_law"] | None = None
+    """Convert a tutorial's raw records first: `news_cls` {text, category, output}, `disc_law` {input, output}."""
+    system_prompt: str | None = None
+    """System prompt put first in every conversation that has none (the tutorials use a fixed one)."""
+    max_len: int = 384
+    """Tokens per example after rendering; longer examples follow `truncation`."""
+    truncation: Literal["keep_end", "drop"] = "keep_end"
+    """`keep_end`: cut the answer but keep its end-of-turn token labeled; `drop`: drop over-long examples."""
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    max_samples: int | None = None
+    """Use only the first N training records (after reading, before splitting)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """`error`: the first bad row stops the run naming file and line; `skip`: skip and report counts."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | str = "all-linear"
+    """Module names (the tutorials: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or `all-linear`."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/run"
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 4
+    epochs: float = 2.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides `epochs` when set."""
+    lr: float = 1e-4
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int | None = None
+    """Save a checkpoint every N optimizer steps (and always at the end)."""
+    eval_steps: int | None = None
+    """Evaluate every N optimizer steps in addition to the end of each epoch."""
+    seed: int = 42
+    checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Activation checkpointing: `auto` turns it on only when memory is short (never on CPU)."""
+    packing: bool = False
+    """Pack examples into rows of `pack_tokens` tokens (documents never attend to each other)."""
+    pack_tokens: int = 4096
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples: int = 4
+    """Held-out prompts answered before training and after every epoch (0 to turn off)."""
+    samples_path: str | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    loss: bool = True
+    """Compute the eval loss on the eval split at each evaluation."""
+    max_eval_examples: int | None = 200
+    metrics: list[str] | None = None
+    """Metric names (bleu4, rouge1, rouge2, rougeL, *_char, accuracy, macro_f1); default per `task`."""
+    task: Literal["generation", "classification"] = "generation"
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    backend: Literal["swanlab", "tensorboard", "none"] = "none"
+    """metrics.jsonl is always written; this adds a tracker."""
+    mode: Literal["auto", "cloud", "local", "offline", "disabled"] = "auto"
+    """SwanLab mode. `auto`: cloud when an API key is configured, otherwise offline (never prompts)."""
+    project: str = "chattune"
+    experiment: str | None = None
+    description: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+
+# -- checks that types alone cannot express; each returns a reason or None ---------------------------
+_POSITIVE = {
+    "data.max_len",
+    "lora.r",
+    "lora.alpha",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.logging_steps",
+    "train.pack_tokens",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+}
+
+
+def _check_values(cfg: Config) -> list[tuple[str, str]]:
+    bad: list[tuple[str, str]] = []
+    for key in sorted(_POSITIVE):
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) <= 0:
+            bad.append((key, "must be a positive number"))
+    for key, value in [("lora.dropout", cfg.lora.dropout), ("train.warmup_ratio", cfg.train.warmup_ratio)]:
+        if not 0.0 <= value < 1.0:
+            bad.append((key, f"must be in [0, 1), got {value}"))
+    if not 0.0 <= cfg.data.eval_ratio < 1.0:
+        bad.append(("data.eval_ratio", f"must be in [0, 1), got {cfg.data.eval_ratio}"))
+    if cfg.train.lr <= 0:
+        bad.append(("train.lr", "must be positive"))
+    if cfg.train.epochs <= 0 and cfg.train.max_steps is None:
+        bad.append(("train.epochs", "must be positive (or set train.max_steps)"))
+    for key, value in [
+        ("train.max_steps", cfg.train.max_steps),
+        ("train.save_steps", cfg.train.save_steps),
+        ("train.eval_steps", cfg.train.eval_steps),
+        ("data.max_samples", cfg.data.max_samples),
+    ]:
+        if value is not None and value <= 0:
+            bad.append((key, "must be a positive integer or null"))
+    if cfg.eval.samples < 0:
+        bad.append(("eval.samples", "must be >= 0"))
+    if cfg.train.packing and cfg.train.pack_tokens < cfg.data.max_len:
+        bad.append(("train.pack_tokens", f"must be >= data.max_len ({cfg.data.max_len})"))
+    return bad
+
+
+# -- YAML -> dataclasses --------------------------------------------------------------------------------
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key, path)
+            except ConfigError as e:
+                errors.append(e.reason)
+        raise ConfigError(key, f"expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {value!r}", path)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, f"expected null, got {value!r}", path)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}", path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            raise ConfigError(key, f"expected a list of strings, got {value!r}", path)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}", path)
+        return [_coerce(v, item_tp, f"{key}[{i}]", path) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string; it is the number meant
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error, not user input
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}", path)
+
+
+def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, f"expected a mapping of keys, got {values!r}", path)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(full, f"unknown key (known keys here: {known})", path)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full, path)
+        else:
+            kwargs[key] = _coerce(value, tp, full, path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, path: str | None) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section", path)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`train.lr=2e-4` -> ("train.lr", 0.0002). Values are parsed as YAML scalars/lists."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.key=value (e.g. train.lr=2e-4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+        # YAML reads 2e-4 as a string (no dot); accept the number the user meant.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in "e.") else value
+            except ValueError:
+                pass
+        out.append((key.strip(), value))
+    return out
+
+
+def config_from_dict(tree: dict, path: str | None = None) -> Config:
+    cfg = _build(Config, tree, "", path)
+    bad = _check_values(cfg)
+    if bad:
+        key, reason = bad[0]
+        raise ConfigError(key, reason, path)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML at `path` (or start from defaults when None), apply overrides, validate."""
+    tree: dict = {}
+    where = None
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("(file)", "config file not found; give the path to a YAML file", where)
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("(file)", f"not valid YAML: {e}", where) from None
+        if not isinstance(tree, dict):
+            raise ConfigError("(file)", "the top level must be a mapping of sections", where)
+        # Relative data/output paths in a config file are relative to the file, not the shell's cwd.
+        tree = _resolve_relative(tree, p.parent)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, "command line")
+    return config_from_dict(tree, where)
+
+
+_PATH_KEYS = [("data", "train_path"), ("data", "eval_path"), ("eval", "samples_path"), ("model", "chat_template")]
+
+
+def _resolve_relative(tree: dict, base: Path) -> dict:
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for sec, key in _PATH_KEYS:
+        section = tree.get(sec)
+        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
+            value = section[key]
+            if not Path(value).is_absolute() and (base / value).exists():
+                section[key] = str((base / value).resolve())
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        value = model["name_or_path"]
+        if value.startswith((".", "/")) or (base / value).is_dir():
+            if (base / value).exists():
+                model["name_or_path"] = str((base / value).resolve())
+    return tree
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)

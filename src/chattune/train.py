@@ -1,0 +1,377 @@
+"""`run(cfg)`: one LoRA fine-tune, top to bottom.
+
+data -> render (the model's own template, assistant-only labels) -> batches (padded or packed)
+-> model + LoRA (transformers + peft) -> optimizer loop with evaluation before training and after
+every epoch -> adapter folder that carries everything needed to use it.
+Everything the user gave is checked before the run directory is created, so a bad config or data
+file leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chattune.config import Config, config_to_dict, dump_config
+from chattune.data import read_conversations, split_conversations
+from chattune.errors import ChattuneError
+from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
+from chattune.models import add_lora, load_model, load_tokenizer, pick_device, resolve_model_dir
+from chattune.templates import check_parity, end_of_turn_token, render_all
+
+# Dense bf16 peak of GPUs we know, for MFU; unknown GPUs report no MFU rather than a guess.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_output_dir(path: Path, resume: bool) -> None:
+    if path.exists() and any(path.iterdir()) and not resume:
+        raise ChattuneError(
+            f"output directory '{path}' already exists and is not empty; set train.output_dir to a new "
+            "directory, delete it, or pass --resume to continue its last checkpoint"
+        )
+
+
+def _write_adapter(model, tokenizer, cfg: Config, model_dir: Path, system_prompt, target: Path) -> None:
+    """Save adapter + tokenizer (with its chat template) + run config + inference facts, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "chattune.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    info = {
+        "base_model": cfg.model.name_or_path,
+        "base_model_path": str(model_dir),
+        "system_prompt": system_prompt,
+        "end_of_turn_token": end_of_turn_token(tokenizer),
+        "max_len": cfg.data.max_len,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def run(cfg: Config, *, resume: bool = False) -> Path:
+    t_start = time.time()
+    dc, tc = cfg.data, cfg.train
+    out_dir = Path(tc.output_dir)
+    _check_output_dir(out_dir, resume)
+
+    # ---- data: read, validate, split, render with the model's own template -------------------------------
+    if not dc.train_path:
+        raise ChattuneError("config key 'data.train_path' is empty: give a .json or .jsonl dataset file")
+    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
+    read_kw = dict(fmt=dc.format, system_prompt=dc.system_prompt, on_bad_row=dc.on_bad_row, converter=dc.converter)
+    train_convs, read_report = read_conversations(dc.train_path, max_samples=dc.max_samples, **read_kw)
+    if dc.eval_path:
+        eval_convs, eval_read = read_conversations(dc.eval_path, **read_kw)
+    else:
+        train_convs, eval_convs = split_conversations(train_convs, dc.eval_ratio, tc.seed)
+        eval_read = None
+    check_parity(tokenizer, train_convs)  # refuse to train on ids that differ from the template's
+    render_kw = dict(max_len=dc.max_len, truncation=dc.truncation, train_on=dc.train_on)
+    train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
+    eval_ex, eval_report = render_all(tokenizer, eval_convs, **render_kw)
+    if not train_ex:
+        raise ChattuneError(f"{dc.train_path}: no example left to train on ({train_report.as_dict()})")
+    if cfg.eval.max_eval_examples is not None:
+        eval_ex = eval_ex[: cfg.eval.max_eval_examples]
+    if cfg.eval.samples_path:
+        samples = read_samples(cfg.eval.samples_path, cfg.eval.samples, **read_kw)
+    else:
+        samples = build_samples(eval_convs, cfg.eval.samples)
+    _say(
+        f"data: {read_report.rows} rows read from {dc.train_path}, {sum(read_report.skipped.values())} skipped "
+        f"{dict(read_report.skipped) or ''}; {len(train_ex)} train / {len(eval_ex)} eval examples; "
+        f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(train_report.dropped.values())} dropped "
+        f"{dict(train_report.dropped) or ''}"
+    )
+
+    # ---- model + LoRA ---------------------------------------------------------------------------------------
+    import torch
+    from transformers import get_scheduler
+
+    from chattune.attention import pick_attn_implementation, register_attention
+    from chattune.loss import lm_loss_sum
+    from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, collate_padded
+
+    torch.manual_seed(tc.seed)
+    device = pick_device(tc.device)
+    register_attention()
+    attn = cfg.model.attn_implementation
+    if attn == "auto":
+        attn = pick_attn_implementation(device, tc.packing)
+    model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
+    model.config.use_cache = False  # a KV cache would let packed documents see each other
+    model = add_lora(model, cfg.lora)
+    use_ckpt = tc.checkpointing == "on" or (tc.checkpointing == "auto" and device == "cuda" and _memory_tight(model))
+    if use_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
+    lengths = [len(e["input_ids"]) for e in train_ex]
+    plan_kw = dict(packing=tc.packing, budget_tokens=tc.pack_tokens, micro_batch_size=tc.micro_batch_size, seed=tc.seed)
+    steps_per_epoch = math.ceil(len(build_batches(lengths, epoch=0, **plan_kw)) / tc.grad_accum_steps)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device == "cuda")
+    scheduler = get_scheduler(
+        tc.lr_schedule, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    pad_id = tokenizer.pad_token_id
+
+    def collate(idx: list[int]) -> dict:
+        chunk = [train_ex[i] for i in idx]
+        batch = collate_packed(chunk) if tc.packing else collate_padded(chunk, pad_id)
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    # ---- run directory, tracker ---------------------------------------------------------------------------
+    # Everything the user gave has been checked by now: only from here on is anything written.
+    start_step = 0
+    ckpt_dir = out_dir / "checkpoints"
+    if resume:
+        start_step = _load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    data_info = {
+        "train_path": dc.train_path,
+        "train_sha256": file_sha256(dc.train_path),
+        "read": read_report.as_dict(),
+        "eval_read": eval_read.as_dict() if eval_read else None,
+        "train": train_report.as_dict(),
+        "eval": eval_report.as_dict(),
+    }
+    from chattune.track import build_tracker
+
+    hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
+    hparams["params"] = {"trainable": n_trainable, "total": n_total}
+    tracker = build_tracker(cfg.track, out_dir, hparams)
+    from chattune.infer import Loaded
+
+    eot = end_of_turn_token(tokenizer)
+    loaded = Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        system_prompt=dc.system_prompt,
+        end_of_turn_token=eot,
+        name="training",
+        stop_token_ids=sorted({tokenizer.convert_tokens_to_ids(eot), tokenizer.eos_token_id}),
+    )
+    metric_names = cfg.eval.metrics or _default_metrics(cfg.eval.task)
+    history: list[dict] = []
+
+    def evaluate_now(step: int, epoch: float, tag: str) -> None:
+        row: dict = {"epoch": epoch, "tag": tag}
+        if cfg.eval.loss and eval_ex:
+            row["eval/loss"] = eval_loss(model, eval_ex, pad_id, cfg.eval.batch_size)
+        if samples:
+            preds = predict_samples(loaded, samples, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+            tracker.log_predictions([{**r, "epoch": epoch} for r in preds], step=step, tag=tag)
+            row.update({f"eval/{k}": v for k, v in score_predictions(preds, metric_names).items()})
+            for r in preds[:2]:
+                _say(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
+        tracker.log(row, step=step)
+        history.append({"step": step, **row})
+        shown = {k: round(v, 4) for k, v in row.items() if k.startswith("eval/")}
+        _say(f"eval [{tag}] step {step}: {shown}")
+
+    _say(
+        f"model: {cfg.model.name_or_path} on {device} ({next(model.parameters()).dtype}, attention {attn}, "
+        f"checkpointing {'on' if use_ckpt else 'off'}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
+        f"{total_steps} optimizer steps over {n_epochs} epoch(s)"
+    )
+    if start_step == 0:
+        evaluate_now(0, 0.0, "baseline")
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    peak_tflops = _peak_tflops(device)
+    bar = tqdm(total=total_steps, initial=start_step, disable=not tc.progress, desc="train", dynamic_ncols=True)
+    step, tokens_seen, train_time = start_step, 0, 0.0
+    window_tokens, window_time, window_loss = 0, 0.0, []
+    model.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for epoch in range(n_epochs):
+        batches = build_batches(lengths, epoch=epoch, **plan_kw)
+        windows = [batches[i : i + tc.grad_accum_steps] for i in range(0, len(batches), tc.grad_accum_steps)]
+        stepped = False
+        for w, window in enumerate(windows):
+            if epoch * steps_per_epoch + w < start_step:
+                continue  # resumed: these steps were done before the checkpoint
+            if step >= total_steps:
+                break
+            t0 = time.time()
+            micro = [collate(idx) for idx in window]
+            # Normalise by the labeled tokens of the whole accumulated batch, so the loss is the
+            # per-token mean however the tokens were split into micro-batches or packed.
+            n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+            loss_total = 0.0
+            for b in micro:
+                loss_sum, _ = lm_loss_sum(model, b)
+                (loss_sum / n_labels).backward()
+                loss_total += float(loss_sum.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            stepped = True
+            # Real tokens only: padding is work the GPU did for nothing.
+            real_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            tokens_seen, train_time = tokens_seen + real_tokens, train_time + dt
+            window_tokens, window_time = window_tokens + real_tokens, window_time + dt
+            window_loss.append(loss_total / n_labels)
+            bar.update(1)
+            if step % tc.logging_steps == 0 or step == total_steps:
+                tps = window_tokens / max(window_time, 1e-9)
+                row = {
+                    "train/loss": sum(window_loss) / len(window_loss),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm,
+                    "train/epoch": epoch + (w + 1) / len(windows),
+                    "train/tokens_per_s": tps,
+                }
+                if device == "cuda":
+                    row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if peak_tflops:
+                    row["train/mfu"] = 4 * (n_total - n_trainable) * tps / (peak_tflops * 1e12)
+                tracker.log(row, step=step)
+                bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}")
+                window_tokens, window_time, window_loss = 0, 0.0, []
+            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
+                _save_checkpoint(ckpt_dir, step, model, optimizer, scheduler)
+            if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps:
+                evaluate_now(step, epoch + (w + 1) / len(windows), f"step {step}")
+        if stepped:
+            evaluate_now(step, float(epoch + 1), f"epoch {epoch + 1}")
+        if step >= total_steps:
+            break
+    bar.close()
+
+    # ---- save: the adapter folder carries everything needed to use it --------------------------------------
+    _write_adapter(model, tokenizer, cfg, model_dir, dc.system_prompt, out_dir / "adapter")
+    summary = {
+        "wall_s": time.time() - t_start,
+        "train_s": train_time,
+        "train_tokens": tokens_seen,
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+        "steps": step,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "hardware": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "versions": _versions(),
+        "data": data_info,
+        "evaluations": history,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    tracker.finish()
+    try:
+        from chattune.report import write_report
+
+        write_report(out_dir)
+    except Exception as e:  # a report problem must not lose a finished run
+        _say(f"warning: could not write the run report: {e}")
+    _say(f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}")
+    return out_dir
+
+
+# -- helpers of run() ---------------------------------------------------------------------------------------
+def _default_metrics(task: str) -> list[str]:
+    from chattune.metrics import default_metrics
+
+    return default_metrics(task)
+
+
+def _memory_tight(model) -> bool:
+    from chattune.loss import checkpointing_needed
+
+    return checkpointing_needed(model)
+
+
+def _peak_tflops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import chattune
+
+    return {
+        "chattune": chattune.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler) -> None:
+    """Adapter weights + optimizer + scheduler + step, written atomically; the last one is kept."""
+    import torch
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=ckpt_dir))
+    model.save_pretrained(tmp / "adapter")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, tmp / "state.pt")
+    target = ckpt_dir / f"step-{step:07d}"
+    tmp.rename(target)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> int:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = sorted(ckpt_dir.glob("step-*"))
+    if not found:
+        raise ChattuneError(f"--resume: no checkpoint in '{ckpt_dir}' (train.save_steps writes them)")
+    last = found[-1]
+    set_peft_model_state_dict(model, load_file(str(last / "adapter" / "adapter_model.safetensors")))
+    state = torch.load(last / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _say(f"resuming from {last} (step {state['step']})")
+    return int(state["step"])
