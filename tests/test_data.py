@@ -15,7 +15,10 @@ def test_alpaca_user_turn_joins_instruction_and_input():
         {"role": "user", "content": "翻译\nhello"},
         {"role": "assistant", "content": "你好"},
     ]
-    assert to_messages({"instruction": "q", "input": "", "output": "a"})[0] == {"role": "user", "content": "q"}
+    assert to_messages({"instruction": "q", "input": "", "output": "a"})[0] == {
+        "role": "user",
+        "content": "q",
+    }
 
 
 def test_alpaca_history_and_record_system():
@@ -49,7 +52,7 @@ BAD_ROWS = [
     ('{"messages": [{"role": "bot", "content": "x"}]}\n', 1, "unknown role"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}\n', 1, "'user' was expected"),
     ('{"messages": [{"role": "user", "content": "x"}]}\n', 1, "must end with an assistant"),
-    ('[1, 2]\n', 1, "must be a JSON object"),
+    ("[1, 2]\n", 1, "must be a JSON object"),
     ('{"foo": 1}\n', 1, "unknown record shape"),
 ]
 
@@ -65,7 +68,9 @@ def test_bad_rows_name_file_and_line(tmp_path, text, line, reason):
 
 def test_skip_counts_bad_rows(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text("".join(["{\"instruction\": \"ok\", \"output\": \"ok\"}\n"] + [t for t, _, _ in BAD_ROWS]), encoding="utf-8")
+    p.write_text(
+        "".join(['{"instruction": "ok", "output": "ok"}\n'] + [t for t, _, _ in BAD_ROWS]), encoding="utf-8"
+    )
     convs, report = read_conversations(p, on_bad_row="skip")
     assert len(convs) == 2  # the good row, and the first good row of the malformed-JSON case
     assert report.rows == 11 and sum(report.skipped.values()) == 9

@@ -13,13 +13,16 @@ SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 
 
 def trained_text(tok, r):
-    return tok.decode([i for i, lab in zip(r.input_ids, r.labels) if lab != IGNORE_INDEX])
+    return tok.decode([i for i, lab in zip(r.input_ids, r.labels, strict=False) if lab != IGNORE_INDEX])
 
 
 def test_single_turn_ids_and_labels(qwen_tokenizer):
     tok = qwen_tokenizer
-    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "皇上驾到！"},
-            {"role": "assistant", "content": "皇上万福金安。"}]
+    msgs = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "皇上驾到！"},
+        {"role": "assistant", "content": "皇上万福金安。"},
+    ]
     r = render(tok, msgs, max_len=384)
     assert r.input_ids == tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
     assert trained_text(tok, r) == "皇上万福金安。<|im_end|>"
@@ -29,8 +32,12 @@ def test_single_turn_ids_and_labels(qwen_tokenizer):
 
 def test_multi_turn_all_and_last(qwen_tokenizer):
     tok = qwen_tokenizer
-    msgs = [{"role": "user", "content": "一"}, {"role": "assistant", "content": "二"},
-            {"role": "user", "content": "三"}, {"role": "assistant", "content": "四"}]
+    msgs = [
+        {"role": "user", "content": "一"},
+        {"role": "assistant", "content": "二"},
+        {"role": "user", "content": "三"},
+        {"role": "assistant", "content": "四"},
+    ]
     r = render(tok, msgs, max_len=384)
     assert trained_text(tok, r) == "二<|im_end|>四<|im_end|>"
     r = render(tok, msgs, max_len=384, train_on="last_assistant")
@@ -65,9 +72,11 @@ def test_every_bundled_record_matches_the_template(qwen_tokenizer, path, kw):
     tok = qwen_tokenizer
     convs, _ = read_conversations(REPO / path, **kw)
     check_parity(tok, convs, sample=len(convs))
-    examples, report = render_all(tok, convs, max_len=100_000, truncation="keep_end", train_on="all_assistant")
+    examples, report = render_all(
+        tok, convs, max_len=100_000, truncation="keep_end", train_on="all_assistant"
+    )
     assert report.examples == len(convs) and not report.dropped
-    for conv, ex in zip(convs, examples):
-        labeled = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
+    for conv, ex in zip(convs, examples, strict=False):
+        labeled = [i for i, lab in zip(ex["input_ids"], ex["labels"], strict=False) if lab != IGNORE_INDEX]
         want = "".join(m["content"] + "<|im_end|>" for m in conv.messages if m["role"] == "assistant")
         assert tok.decode(labeled) == want

@@ -7,7 +7,6 @@ import argparse
 import os
 import sys
 from importlib import resources
-from pathlib import Path
 
 from chattune.errors import ChattuneError
 
@@ -19,7 +18,12 @@ def demo_config_tree(output_dir: str) -> dict:
     data = resources.files("chattune") / "assets" / "data" / "huanhuan-demo" / "huanhuan_demo.json"
     return {
         "model": {"name_or_path": "builtin:tiny-qwen2"},
-        "data": {"train_path": str(data), "eval_ratio": 0.05, "system_prompt": DEMO_SYSTEM_PROMPT, "max_len": 128},
+        "data": {
+            "train_path": str(data),
+            "eval_ratio": 0.05,
+            "system_prompt": DEMO_SYSTEM_PROMPT,
+            "max_len": 128,
+        },
         # A randomly initialised 64-wide model needs a far larger rate and rank than a 7B one to move in a minute.
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "train": {
@@ -91,16 +95,22 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="chattune", description="LoRA fine-tuning of chat models from one config file.")
+    p = argparse.ArgumentParser(
+        prog="chattune", description="LoRA fine-tuning of chat models from one config file."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (key.sub=value overrides)")
     t.add_argument("config", help="YAML config file (see configs/)")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in train.output_dir"
+    )
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="train the built-in tiny model on bundled data, offline, in about a minute")
+    d = sub.add_parser(
+        "demo", help="train the built-in tiny model on bundled data, offline, in about a minute"
+    )
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config")
     d.set_defaults(func=cmd_demo)
@@ -112,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--max-new-tokens", type=int, default=256)
         c.add_argument("--temperature", type=float, default=0.0)
         if name == "predict":
-            c.add_argument("--input", required=True, help=".jsonl/.json of {messages} or {instruction, input}")
+            c.add_argument(
+                "--input", required=True, help=".jsonl/.json of {messages} or {instruction, input}"
+            )
             c.add_argument("--output", required=True, help="output .jsonl")
             c.add_argument("--batch-size", type=int, default=8)
         c.set_defaults(func=cmd_chat if name == "chat" else cmd_predict)

@@ -194,7 +194,9 @@ def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
                 return _coerce(value, arm, key, path)
             except ConfigError as e:
                 errors.append(e.reason)
-        raise ConfigError(key, f"expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {value!r}", path)
+        raise ConfigError(
+            key, f"expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {value!r}", path
+        )
     if tp is type(None):
         if value is None:
             return None
@@ -316,7 +318,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(tree, where)
 
 
-_PATH_KEYS = [("data", "train_path"), ("data", "eval_path"), ("eval", "samples_path"), ("model", "chat_template")]
+_PATH_KEYS = [
+    ("data", "train_path"),
+    ("data", "eval_path"),
+    ("eval", "samples_path"),
+    ("model", "chat_template"),
+]
 
 
 def _resolve_relative(tree: dict, base: Path) -> dict:

@@ -18,7 +18,13 @@ from typing import Any
 from chattune.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -52,7 +58,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(str(path), line, f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+        raise DataError(
+            str(path), line, f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
+        ) from None
 
 
 def _iter_jsonl(path: Path, text: str):
@@ -127,7 +135,9 @@ def detect_format(rec: Any) -> str:
             return "sharegpt"
         if "instruction" in rec or "output" in rec:
             return "alpaca"
-    raise _BadRow("unknown record shape: expected {instruction, input, output}, {messages: [...]} or {conversations: [...]}")
+    raise _BadRow(
+        "unknown record shape: expected {instruction, input, output}, {messages: [...]} or {conversations: [...]}"
+    )
 
 
 def _alpaca(rec: dict) -> list[dict[str, str]]:
@@ -151,7 +161,9 @@ def _alpaca(rec: dict) -> list[dict[str, str]]:
     return msgs
 
 
-def _chat(rec: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _chat(
+    rec: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]
+) -> list[dict[str, str]]:
     turns = rec[key]
     if not isinstance(turns, list):
         raise _BadRow(f"field '{key}' must be a list of turns")
@@ -179,7 +191,9 @@ def validate_messages(msgs: list[dict[str, str]]) -> None:
     for k, m in enumerate(body):
         expected = "user" if k % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise _BadRow(f"turn {k + 1} is '{m['role']}' but '{expected}' was expected (user and assistant alternate)")
+            raise _BadRow(
+                f"turn {k + 1} is '{m['role']}' but '{expected}' was expected (user and assistant alternate)"
+            )
     if body[-1]["role"] != "assistant":
         raise _BadRow("conversation must end with an assistant answer")
     for m in body:
@@ -190,19 +204,29 @@ def validate_messages(msgs: list[dict[str, str]]) -> None:
 
 
 # -- the tutorials' raw formats -> alpaca records --------------------------------------------------------
-NEWS_CLS_SYSTEM = "你是一个文本分类领域的专家，你会接收到一段文本和几个潜在的分类选项列表，请输出文本内容的正确分类"
+NEWS_CLS_SYSTEM = (
+    "你是一个文本分类领域的专家，你会接收到一段文本和几个潜在的分类选项列表，请输出文本内容的正确分类"
+)
 LEGAL_SYSTEM = "你是一个法律专家，请根据用户的问题给出专业的回答"
 
 
 def _convert_news_cls(rec: dict) -> dict:
     """SwanLab's Qwen2 news-classification tutorial: {text, category, output} -> its prompt."""
     text, category = _text(rec, "text", required=True), _text(rec, "category", required=True)
-    return {"system": NEWS_CLS_SYSTEM, "input": f"文本:{text},分类选项列表:{category}", "output": _text(rec, "output", required=True)}
+    return {
+        "system": NEWS_CLS_SYSTEM,
+        "input": f"文本:{text},分类选项列表:{category}",
+        "output": _text(rec, "output", required=True),
+    }
 
 
 def _convert_disc_law(rec: dict) -> dict:
     """self-llm's DISC-Law-SFT tutorial: {input, output} under the fixed legal-expert system prompt."""
-    return {"system": LEGAL_SYSTEM, "input": _text(rec, "input", required=True), "output": _text(rec, "output", required=True)}
+    return {
+        "system": LEGAL_SYSTEM,
+        "input": _text(rec, "input", required=True),
+        "output": _text(rec, "output", required=True),
+    }
 
 
 CONVERTERS = {"news_cls": _convert_news_cls, "disc_law": _convert_disc_law}
@@ -258,7 +282,9 @@ def read_conversations(
         convs.append(Conversation(msgs, f"{path}:{line}"))
     report.kept = len(convs)
     if not convs:
-        raise DataError(str(path), None, f"no usable records (read {report.rows}, skipped {dict(report.skipped)})")
+        raise DataError(
+            str(path), None, f"no usable records (read {report.rows}, skipped {dict(report.skipped)})"
+        )
     return convs, report
 
 
@@ -273,3 +299,20 @@ def split_conversations(convs: list, ratio: float, seed: int) -> tuple[list, lis
     train = [c for i, c in enumerate(convs) if i not in eval_idx]
     held = [c for i, c in enumerate(convs) if i in eval_idx]
     return train, held
+
+
+def read_splits(
+    dc, seed: int
+) -> tuple[list[Conversation], list[Conversation], ReadReport, ReadReport | None]:
+    """Train and eval conversations for a `DataConfig`: eval from its own file or split off by ratio."""
+    read_kw = dict(
+        fmt=dc.format, system_prompt=dc.system_prompt, on_bad_row=dc.on_bad_row, converter=dc.converter
+    )
+    if not dc.train_path:
+        raise DataError("data.train_path", None, "empty: give a .json or .jsonl dataset file")
+    train, report = read_conversations(dc.train_path, max_samples=dc.max_samples, **read_kw)
+    if dc.eval_path:
+        held, eval_report = read_conversations(dc.eval_path, **read_kw)
+        return train, held, report, eval_report
+    train, held = split_conversations(train, dc.eval_ratio, seed)
+    return train, held, report, None

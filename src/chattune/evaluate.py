@@ -66,7 +66,10 @@ def predict_samples(loaded, samples: list[Sample], *, max_new_tokens: int, batch
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         outs = generate(loaded, [s.messages for s in chunk], max_new_tokens=max_new_tokens, temperature=0.0)
-        rows += [{"prompt": s.prompt, "prediction": o, "reference": s.reference} for s, o in zip(chunk, outs)]
+        rows += [
+            {"prompt": s.prompt, "prediction": o, "reference": s.reference}
+            for s, o in zip(chunk, outs, strict=False)
+        ]
     model.train(was_training)
     return rows
 

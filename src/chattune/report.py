@@ -315,6 +315,9 @@ def _plot_curve(key: str, points: list[tuple[float, float]]) -> bytes | None:
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        if max(steps) - min(steps) < 2:
+            # One or two points: matplotlib would zoom to +-0.05 and tick fractional steps.
+            ax.set_xlim(min(steps) - 1, max(steps) + 1)
         ax.grid(alpha=0.3)
         if key == "train/lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

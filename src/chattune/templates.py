@@ -50,7 +50,9 @@ def end_of_turn_token(tokenizer) -> str:
 
 
 def _chat_text(tokenizer, messages, *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def label_spans(tokenizer, messages: list[dict], *, eot: str, train_on: str = "all_assistant"):
@@ -152,7 +154,9 @@ def check_parity(tokenizer, conversations, *, sample: int = 32) -> None:
         if list(ref) != out.input_ids:
             raise TemplateError(f"{conv.where}: rendered ids differ from tokenizer.apply_chat_template's")
         n_turns = sum(m["role"] == "assistant" for m in conv.messages)
-        trained_eot = sum(1 for i, label in zip(out.input_ids, out.labels) if label == eot_id and i == eot_id)
+        trained_eot = sum(
+            1 for i, label in zip(out.input_ids, out.labels, strict=False) if label == eot_id and i == eot_id
+        )
         if trained_eot < n_turns:
             raise TemplateError(f"{conv.where}: an assistant turn's end-of-turn token {eot!r} is not labeled")
 

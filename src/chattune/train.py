@@ -21,14 +21,22 @@ import time
 from pathlib import Path
 
 from chattune.config import Config, config_to_dict, dump_config
-from chattune.data import read_conversations, split_conversations
+from chattune.data import read_splits
 from chattune.errors import ChattuneError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, resolve_model_dir
 from chattune.templates import check_parity, end_of_turn_token, render_all
 
 # Dense bf16 peak of GPUs we know, for MFU; unknown GPUs report no MFU rather than a guess.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H20": 148.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "4090": 165.0,
+}
 
 
 def _say(msg: str) -> None:
@@ -79,17 +87,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     _check_output_dir(out_dir, resume)
 
     # ---- data: read, validate, split, render with the model's own template -------------------------------
-    if not dc.train_path:
-        raise ChattuneError("config key 'data.train_path' is empty: give a .json or .jsonl dataset file")
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model)
-    read_kw = dict(fmt=dc.format, system_prompt=dc.system_prompt, on_bad_row=dc.on_bad_row, converter=dc.converter)
-    train_convs, read_report = read_conversations(dc.train_path, max_samples=dc.max_samples, **read_kw)
-    if dc.eval_path:
-        eval_convs, eval_read = read_conversations(dc.eval_path, **read_kw)
-    else:
-        train_convs, eval_convs = split_conversations(train_convs, dc.eval_ratio, tc.seed)
-        eval_read = None
+    train_convs, eval_convs, read_report, eval_read = read_splits(dc, tc.seed)
     check_parity(tokenizer, train_convs)  # refuse to train on ids that differ from the template's
     render_kw = dict(max_len=dc.max_len, truncation=dc.truncation, train_on=dc.train_on)
     train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
@@ -99,7 +99,13 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     if cfg.eval.max_eval_examples is not None:
         eval_ex = eval_ex[: cfg.eval.max_eval_examples]
     if cfg.eval.samples_path:
-        samples = read_samples(cfg.eval.samples_path, cfg.eval.samples, **read_kw)
+        samples = read_samples(
+            cfg.eval.samples_path,
+            cfg.eval.samples,
+            fmt=dc.format,
+            system_prompt=dc.system_prompt,
+            converter=dc.converter,
+        )
     else:
         samples = build_samples(eval_convs, cfg.eval.samples)
     _say(
@@ -126,7 +132,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
     model.config.use_cache = False  # a KV cache would let packed documents see each other
     model = add_lora(model, cfg.lora)
-    use_ckpt = tc.checkpointing == "on" or (tc.checkpointing == "auto" and device == "cuda" and _memory_tight(model))
+    use_ckpt = tc.checkpointing == "on" or (
+        tc.checkpointing == "auto" and device == "cuda" and _memory_tight(model)
+    )
     if use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
@@ -135,14 +143,19 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
     lengths = [len(e["input_ids"]) for e in train_ex]
-    plan_kw = dict(packing=tc.packing, budget_tokens=tc.pack_tokens, micro_batch_size=tc.micro_batch_size, seed=tc.seed)
+    plan_kw = dict(
+        packing=tc.packing, budget_tokens=tc.pack_tokens, micro_batch_size=tc.micro_batch_size, seed=tc.seed
+    )
     steps_per_epoch = math.ceil(len(build_batches(lengths, epoch=0, **plan_kw)) / tc.grad_accum_steps)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device == "cuda")
     scheduler = get_scheduler(
-        tc.lr_schedule, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps
+        tc.lr_schedule,
+        optimizer,
+        num_warmup_steps=int(tc.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
     )
     pad_id = tokenizer.pad_token_id
 
@@ -191,7 +204,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         if cfg.eval.loss and eval_ex:
             row["eval/loss"] = eval_loss(model, eval_ex, pad_id, cfg.eval.batch_size)
         if samples:
-            preds = predict_samples(loaded, samples, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+            preds = predict_samples(
+                loaded, samples, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
+            )
             tracker.log_predictions([{**r, "epoch": epoch} for r in preds], step=step, tag=tag)
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, metric_names).items()})
             for r in preds[:2]:
@@ -213,7 +228,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     from tqdm.auto import tqdm
 
     peak_tflops = _peak_tflops(device)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not tc.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=start_step, disable=not tc.progress, desc="train", dynamic_ncols=True
+    )
     step, tokens_seen, train_time = start_step, 0, 0.0
     window_tokens, window_time, window_loss = 0, 0.0, []
     model.train()
@@ -245,7 +262,10 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             step += 1
             stepped = True
             # Real tokens only: padding is work the GPU did for nothing.
-            real_tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+            real_tokens = sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                for b in micro
+            )
             if device == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -267,7 +287,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                 if peak_tflops:
                     row["train/mfu"] = 4 * (n_total - n_trainable) * tps / (peak_tflops * 1e12)
                 tracker.log(row, step=step)
-                bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(
+                    loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
+                )
                 window_tokens, window_time, window_loss = 0, 0.0, []
             if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
                 _save_checkpoint(ckpt_dir, step, model, optimizer, scheduler)
@@ -288,7 +310,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         "tokens_per_s": tokens_seen / max(train_time, 1e-9),
         "steps": step,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-        "hardware": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "hardware": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "versions": _versions(),
         "data": data_info,
         "evaluations": history,
@@ -301,7 +325,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         write_report(out_dir)
     except Exception as e:  # a report problem must not lose a finished run
         _say(f"warning: could not write the run report: {e}")
-    _say(f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}")
+    _say(
+        f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}"
+    )
     return out_dir
 
 
@@ -353,7 +379,10 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler) -> 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=ckpt_dir))
     model.save_pretrained(tmp / "adapter")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, tmp / "state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+        tmp / "state.pt",
+    )
     target = ckpt_dir / f"step-{step:07d}"
     tmp.rename(target)
     for old in sorted(ckpt_dir.glob("step-*"))[:-1]:

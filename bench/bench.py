@@ -1,0 +1,482 @@
+"""chattune's LoRA fine-tune vs the tutorial recipe, back to back in one process on one GPU.
+
+Not a test: a GPU benchmark. For each architecture (real Qwen2.5 configs, random bf16 weights:
+weights do not change speed) it runs (a) the tutorial recipe, bench/seed_recipe.py unchanged, and
+(b) chattune's path: documents packed into token budgets (chattune.packing), varlen attention
+(chattune.attention), loss over targeted tokens only (chattune.loss), LoRA r64/alpha16/dropout 0
+on q,k,v,o,gate,up,down via peft, bf16 autocast with fp32 LoRA weights, fused AdamW, checkpointing
+chosen by chattune.loss.checkpointing_needed. Both see the same real (prompt, response) lengths
+(bench/lengths-*.txt, cut at 384 tokens) and random token ids. Prints real tokens/s, useful MFU
+(4 x matmul params x real tokens / (time x 989 TFLOP/s), the seed recipe's formula), peak memory
+and the speed-up, and writes bench/results.json (and $OUT/results.json when --out is given).
+
+  PYTHONPATH=src python bench/bench.py --tiny                 # CPU smoke run, seconds
+  PYTHONPATH=src python bench/bench.py --plan full --out $OUT # one H100, ~9 minutes
+
+Imports only torch/transformers/peft and chattune.{packing,attention,loss}: the GPU image has no
+network and none of chattune's other dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # varying T per pack
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import seed_recipe  # noqa: E402
+
+from chattune.attention import pick_attn_implementation, register_attention  # noqa: E402
+from chattune.loss import activation_bytes_per_token, checkpointing_needed, lm_loss_sum  # noqa: E402
+from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16, as in the seed recipe's MFU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+T_START = time.perf_counter()
+# The seed recipe's architectures, plus an untied toy to smoke-test the embedding offload on CPU.
+ARCH = {**seed_recipe.ARCH, "tiny-untied": {**seed_recipe.ARCH["tiny"], "tie_word_embeddings": False}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T_START:6.1f}s] {msg}", flush=True)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def make_docs(lengths_path: Path, n_tokens: int, max_len: int = 384) -> list[dict]:
+    """The seed recipe's documents: same shuffle, same random ids, same cut at max_len."""
+    pairs = [tuple(map(int, line.split())) for line in open(lengths_path)]
+    random.Random(0).shuffle(pairs)
+    total = sum(min(p + r + 1, max_len) for p, r in pairs)
+    pairs = pairs * (n_tokens // total + 1)
+    rng = random.Random(1)
+    docs = []
+    for p, r in pairs:
+        ids = [rng.randrange(100, 150000) for _ in range(p + r + 1)][:max_len]
+        labels = ([IGNORE_INDEX] * p + ids[p:])[:max_len]
+        docs.append({"input_ids": ids, "labels": labels})
+    return docs
+
+
+def matmul_params(model, cfg) -> int:
+    n = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in name and "lora_" not in name
+    )
+    return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
+
+
+def measure_matmul() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(30):
+        a @ b
+    sync()
+    return 2 * 8192**3 / ((time.perf_counter() - t) / 30) / 1e12
+
+
+class CpuAdamW:
+    """AdamW whose fp32 master weights and moments live in host memory (memory mode).
+
+    GPU keeps only the LoRA weights and their gradients; each step copies the gradients out,
+    steps on the CPU and copies the weights back. Worth it only with several micro-batches a step.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float):
+        self.gpu = params
+        self.cpu = [p.detach().to("cpu", copy=True) for p in params]
+        if DEVICE == "cuda":  # pinned: the copy back to the GPU runs asynchronously
+            self.cpu = [c.pin_memory() for c in self.cpu]
+        self.opt = torch.optim.AdamW(self.cpu, lr=lr, foreach=True)
+
+    def step(self) -> None:
+        for c, g in zip(self.cpu, self.gpu, strict=True):
+            c.grad = g.grad.to("cpu", non_blocking=True)
+        sync()
+        self.opt.step()
+        for c, g in zip(self.cpu, self.gpu, strict=True):
+            g.data.copy_(c.data, non_blocking=True)
+            g.grad = None
+
+
+def run_chattune(
+    arch: str,
+    lengths_path: Path,
+    budget: int,
+    steps: int,
+    warm: int,
+    *,
+    compile_layers: bool = False,
+    checkpointing: str = "auto",
+    memory_mode: bool = False,
+    accumulate: int = 1,
+    check: bool = True,
+    chunk_rows: int | None = None,
+    profile: bool = False,
+) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from peft.helpers import disable_input_dtype_casting
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(**ARCH[arch], max_position_embeddings=32768, rope_theta=1e6)
+    attn = pick_attn_implementation(DEVICE, packing=True)
+    register_attention()  # also on CPU, to exercise the same attention function there
+    attn = "chattune_varlen" if attn == "sdpa" and DEVICE == "cpu" else attn
+    # bf16 on the GPU; fp32 on the CPU smoke run, where bf16 matmuls are emulated and very slow.
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    lcfg = LoraConfig(
+        r=64, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, lcfg)  # LoRA weights fp32 (peft's autocast_adapter_dtype)
+    hf = model.get_base_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+
+    offload_embed = memory_mode and not cfg.tie_word_embeddings
+    embed = hf.model.embed_tokens
+    if offload_embed:  # the embedding table is a lookup: keep it (1 GiB for 7B) in host memory
+        embed.to("cpu")
+    free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 40
+    auto_ckpt = checkpointing_needed(model, budget, free)
+    use_ckpt = auto_ckpt if checkpointing == "auto" else checkpointing == "on"
+    if use_ckpt:
+        # transformers 5.23 renames this activation_checkpointing_enable; 5.17 has only this name.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    n_steps = (steps + warm) * accumulate
+    # A pool 3x what the steps need: the randomly chosen bins then carry the data set's mix of
+    # lengths, not only best-fit-decreasing's first (long-document) bins.
+    docs = make_docs(lengths_path, budget * n_steps * 3)
+    plan = build_batches(
+        [len(d["input_ids"]) for d in docs],
+        packing=True,
+        budget_tokens=budget,
+        micro_batch_size=1,
+        seed=0,
+        epoch=0,
+    )[:n_steps]
+    if len(plan) < n_steps:
+        raise RuntimeError(f"only {len(plan)} packs for {n_steps} micro-steps")
+
+    def to_device(batch: dict) -> dict:
+        out = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if offload_embed:
+            out["inputs_embeds"] = embed(batch["input_ids"]).to(DEVICE, non_blocking=True)
+            del out["input_ids"]
+        return out
+
+    packs = [collate_packed([docs[i] for i in b]) for b in plan]
+    real = [int(p["input_ids"].shape[1]) for p in packs]  # packs hold no padding: all tokens are real
+    if memory_mode:
+        opt = CpuAdamW(trainable, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=1e-4, fused=DEVICE == "cuda")
+
+    res: dict = dict(
+        recipe="chattune",
+        arch=arch,
+        attn=attn,
+        budget=budget,
+        accumulate=accumulate,
+        checkpointing=use_ckpt,
+        compile=compile_layers,
+        memory_mode=memory_mode,
+        lora_params_m=round(n_trainable / 1e6, 1),
+        auto_checkpointing=auto_ckpt,
+        free_gib_after_load=round(free / 2**30, 1),
+        est_activation_gib=round(activation_bytes_per_token(cfg, use_ckpt) * budget / 2**30, 2),
+    )
+    autocast = torch.autocast(DEVICE, dtype=dtype, enabled=DEVICE == "cuda")
+
+    if check:  # packed loss == per-document losses (bf16): documents really are isolated
+        model.eval()
+        with torch.no_grad(), autocast, disable_input_dtype_casting(model):
+            b = plan[0][:8]
+            packed, n = lm_loss_sum(model, to_device(collate_packed([docs[i] for i in b])), chunk_rows)
+            alone = [lm_loss_sum(model, to_device(collate_packed([docs[i]])), chunk_rows) for i in b]
+            res["check_packed"] = round(packed.item() / n, 5)
+            res["check_separate"] = round(sum(s.item() for s, _ in alone) / sum(k for _, k in alone), 5)
+        model.train()
+        log(f"check: packed {res['check_packed']} vs one by one {res['check_separate']}")
+    # Regional compilation: one decoder layer compiled, the code reused by all layers. Not with
+    # checkpointing: transformers' non-reentrant checkpoint around compiled layers failed on the
+    # H100 run (CheckpointError: recomputed tensors differ from the saved ones; Qwen2.5-14B).
+    compile_layers = compile_layers and not use_ckpt
+    res["compile"] = compile_layers
+    if compile_layers:
+        for layer in hf.model.layers:
+            layer.compile(dynamic=True)
+
+    free_memory()
+    static = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    times, opt_times = [], []
+
+    def train_step(step: int) -> torch.Tensor:
+        cpu_micro = packs[step * accumulate : (step + 1) * accumulate]
+        counts = [count_label_tokens(m) for m in cpu_micro]  # from host copies: no GPU sync
+        micro = [to_device(m) for m in cpu_micro]
+        for m in micro:
+            with autocast, disable_input_dtype_casting(model):
+                loss_sum, _ = lm_loss_sum(model, m, chunk_rows)
+            (loss_sum / sum(counts)).backward()
+        sync()
+        t = time.perf_counter()
+        opt.step()
+        if not memory_mode:
+            opt.zero_grad(set_to_none=True)
+        sync()
+        opt_times.append(time.perf_counter() - t)
+        return loss_sum.detach() / max(counts[-1], 1)
+
+    for step in range(steps + warm):
+        sync()
+        t = time.perf_counter()
+        loss = train_step(step)
+        sync()
+        times.append(time.perf_counter() - t)
+        if step < warm or step == steps + warm - 1:
+            log(f"  step {step}: {times[-1]:.3f}s loss {loss.item():.3f}")
+    t_timed = sum(times[warm:])
+    tokens = sum(real[warm * accumulate :])
+    mm = matmul_params(model, cfg)
+    res.update(
+        tokens_per_s=round(tokens / t_timed),
+        mfu_pct=round(100 * 4 * mm * tokens / t_timed / PEAK_FLOPS, 1),
+        s_per_step=round(t_timed / steps, 3),
+        tokens_per_step=round(tokens / steps),
+        matmul_params_b=round(mm / 1e9, 2),
+        mean_len=round(sum(real) / sum(len(b) for b in plan), 1),
+        first_step_s=round(times[0], 1),
+        opt_step_s=round(sum(opt_times[warm:]) / steps, 4),
+    )
+    if profile and DEVICE == "cuda":  # one more step under the profiler: where the time goes
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        try:
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                train_step(warm)
+            sync()
+            table = prof.key_averages().table(
+                sort_by="self_device_time_total", row_limit=25, max_name_column_width=70
+            )
+            print(f"PROFILE {arch} budget {budget}\n{table}", flush=True)
+        except Exception as exc:
+            log(f"profile failed: {exc}")
+    if DEVICE == "cuda":
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        res["static_gib"] = round(static / 2**30, 2)  # weights + LoRA before the first step
+    # Drop the last references (the step closure holds some) before freeing the cache.
+    model = hf = embed = opt = trainable = packs = train_step = None
+    free_memory()
+    return res
+
+
+def run_seed(arch: str, lengths_path: Path, steps: int, warm: int, bs: int = 4, ga: int = 4) -> dict:
+    args = ["--arch", arch, "--steps", str(steps), "--warm", str(warm), "--lengths", str(lengths_path)]
+    res = seed_recipe.main(args + ["--bs", str(bs), "--ga", str(ga)])
+    res["recipe"] = "tutorial"
+    free_memory()
+    return res
+
+
+PLANS = {
+    # (case name, kind, kwargs): run in order until the deadline; each case is independent.
+    "tiny": [
+        ("tiny/tutorial", "seed", dict(arch="tiny", steps=2, warm=1, bs=1, ga=2)),
+        ("tiny/chattune", "chattune", dict(arch="tiny", budget=2048, steps=3, warm=1)),
+        (
+            "tiny/chattune-ckpt-acc",
+            "chattune",
+            dict(arch="tiny", budget=1024, steps=2, warm=1, checkpointing="on", accumulate=2),
+        ),
+        (
+            "tiny/compiled",
+            "chattune",
+            dict(arch="tiny", budget=1024, steps=2, warm=2, compile_layers=True, check=False),
+        ),
+        (
+            "tiny/memory",
+            "chattune",
+            dict(
+                arch="tiny-untied",
+                budget=1024,
+                steps=2,
+                warm=1,
+                memory_mode=True,
+                checkpointing="on",
+                accumulate=2,
+                check=False,
+            ),
+        ),
+    ],
+    "full": [
+        ("7b/tutorial", "seed", dict(arch="qwen2.5-7b", steps=10, warm=2)),
+        (
+            "7b/chattune",
+            "chattune",
+            dict(arch="qwen2.5-7b", budget=4096, steps=12, warm=3, compile_layers=True, profile=True),
+        ),
+        (
+            "7b/chattune-8192",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=8192,
+                steps=8,
+                warm=2,
+                check=False,
+                compile_layers=True,
+                checkpointing="off",
+            ),
+        ),
+        ("7b/chattune-eager", "chattune", dict(arch="qwen2.5-7b", budget=4096, steps=8, warm=2, check=False)),
+        (
+            "7b/memory",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=1024,
+                steps=3,
+                warm=1,
+                memory_mode=True,
+                checkpointing="on",
+                accumulate=16,
+                check=False,
+                chunk_rows=256,
+            ),
+        ),
+        ("0.5b/tutorial", "seed", dict(arch="qwen2.5-0.5b", steps=10, warm=2)),
+        (
+            "0.5b/chattune",
+            "chattune",
+            dict(arch="qwen2.5-0.5b", budget=16384, steps=12, warm=3, compile_layers=True, profile=True),
+        ),
+        (
+            "0.5b/chattune-32768",
+            "chattune",
+            dict(arch="qwen2.5-0.5b", budget=32768, steps=8, warm=2, compile_layers=True, check=False),
+        ),
+        ("1.5b/tutorial", "seed", dict(arch="qwen2.5-1.5b", steps=10, warm=2)),
+        (
+            "1.5b/chattune",
+            "chattune",
+            dict(arch="qwen2.5-1.5b", budget=16384, steps=10, warm=3, compile_layers=True),
+        ),
+        ("14b/tutorial", "seed", dict(arch="qwen2.5-14b", steps=6, warm=2)),
+        (
+            "14b/chattune",
+            "chattune",
+            dict(arch="qwen2.5-14b", budget=4096, steps=8, warm=3, compile_layers=True, check=False),
+        ),
+    ],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a toy config")
+    ap.add_argument(
+        "--plan", default=None, help=f"one of {sorted(PLANS)} (default: tiny on --tiny, else full)"
+    )
+    ap.add_argument("--only", default=None, help="comma-separated case names to run")
+    ap.add_argument("--lengths", default=str(HERE / "lengths-disc.txt"))
+    ap.add_argument(
+        "--deadline", type=float, default=540.0, help="skip cases starting after this many seconds"
+    )
+    ap.add_argument("--out", default=None, help="also write results.json here")
+    a = ap.parse_args()
+    plan = PLANS[a.plan or ("tiny" if a.tiny else "full")]
+    if a.only:
+        keep = set(a.only.split(","))
+        plan = [c for c in plan if c[0] in keep]
+
+    import peft
+    import transformers
+
+    env = dict(
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft.__version__,
+        date=time.strftime("%Y-%m-%d"),
+        lengths=Path(a.lengths).name,
+    )
+    if DEVICE == "cuda":
+        env["matmul_tflops_8192"] = round(measure_matmul())
+        env["attn_for_packing"] = pick_attn_implementation("cuda", packing=True)
+    log(f"env {json.dumps(env)}")
+    results: dict = {"env": env, "cases": {}}
+    # Only GPU runs replace the recorded bench/results.json; the CPU smoke run writes --out alone.
+    paths = [HERE / "results.json"] if DEVICE == "cuda" else []
+    paths += [Path(a.out) / "results.json"] if a.out else []
+
+    for name, kind, kw in plan:
+        if time.perf_counter() - T_START > a.deadline:
+            results["cases"][name] = {"skipped": "deadline"}
+            log(f"{name}: skipped (deadline)")
+            continue
+        log(f"{name}: start")
+        try:
+            if kind == "seed":
+                res = run_seed(lengths_path=Path(a.lengths), **kw)
+            else:
+                res = run_chattune(lengths_path=Path(a.lengths), **kw)
+        except Exception as exc:  # one failing case must not cost the others
+            res = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            free_memory()
+        res["wall_s"] = round(time.perf_counter() - T_START, 1)
+        results["cases"][name] = res
+        log(f"{name}: {json.dumps(res)}")
+        for p in paths:
+            p.write_text(json.dumps(results, indent=1) + "\n")
+
+    # Summary: the best chattune case per arch against the tutorial recipe of the same arch.
+    print("\ncase                              tokens/s   MFU%   peak GiB   vs tutorial")
+    cases = results["cases"]
+    for name, res in cases.items():
+        if "tokens_per_s" not in res:
+            print(f"{name:32s}  {res.get('error', res.get('skipped', '?'))[:60]}")
+            continue
+        base = cases.get(name.split("/")[0] + "/tutorial", {}).get("tokens_per_s")
+        ratio = f"{res['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(
+            f"{name:32s} {res['tokens_per_s']:9d} {res['mfu_pct']:6.1f} {res.get('peak_gib') or 0:10.1f}   {ratio}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Interactive multi-turn chat in the terminal, each answer streamed as it is generated.
+
+lines from `input_fn` --> a command (/reset, /system TEXT, /help, /exit) or a user turn
+   --> infer.stream (the adapter's chat template and system prompt, as in training) --> `output`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from chattune.infer import Loaded, default_sampling, stream
+
+HELP = (
+    "commands: /reset forgets the conversation; /system TEXT sets the system prompt (/system alone shows it); "
+    "/exit quits (or Ctrl-D). Ctrl-C stops an answer."
+)
+
+
+def run_chat(
+    loaded: Loaded,
+    *,
+    input_fn: Callable[[str], str] = input,
+    output: TextIO = sys.stdout,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: list[str] | None = None,
+) -> list[dict]:
+    """Chat until /exit or end of input; return the conversation as it stands then (for tests and logs).
+
+    `system_prompt` defaults to the adapter's stored one; temperature/top_p to the model's
+    generation_config.json (greedy when it does not sample).
+    """
+    system = system_prompt if system_prompt is not None else loaded.system_prompt
+    default_t, default_p = default_sampling(loaded)
+    sampling = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=default_t if temperature is None else temperature,
+        top_p=default_p if top_p is None else top_p,
+        stop=stop,
+    )
+    history: list[dict] = []
+
+    def say(text: str) -> None:
+        output.write(text + "\n")
+        output.flush()
+
+    say(f"chatting with {loaded.name}. {HELP}")
+    if system:
+        say(f"(system prompt: {system})")
+    while True:
+        try:
+            line = input_fn(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            say("")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history.clear()
+                say("(conversation cleared)")
+            elif command == "/system" and arg.strip():
+                system = arg.strip()  # applies from the next answer on; /reset to start afresh with it
+                say(f"(system prompt: {system})")
+            elif command == "/system":
+                say(f"(system prompt: {system})" if system else "(no system prompt)")
+            else:
+                say(HELP if command == "/help" else f"unknown command {command}. {HELP}")
+            continue
+        history.append({"role": "user", "content": text})
+        # An explicit system message, so that /system wins over the stored prompt build_prompt would add.
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        answer = ""
+        try:
+            for piece in stream(loaded, messages, **sampling):
+                output.write(piece)
+                output.flush()
+                answer += piece
+        except KeyboardInterrupt:  # stop this answer (stream's cleanup stops the generation), keep chatting
+            output.write(" [stopped]")
+        say("")
+        history.append({"role": "assistant", "content": answer})
+    return history

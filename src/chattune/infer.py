@@ -1,0 +1,620 @@
+"""Load an adapter folder (or a plain model directory) and generate with it.
+
+adapter/ --load_for_inference--> Loaded{model, tokenizer, system prompt, stop ids}
+   --build_prompt (the tokenizer's own chat template, as in training)--> generate / stream / predict_file.
+chat, serve, predict and the trainer's sample predictions all format prompts through `build_prompt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from chattune.errors import ChattuneError, DataError, ModelError
+
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+}
+# Only the trainer's answer (the last assistant turn) is predicted; this fills a missing one so the record
+# goes through exactly the training conversion (data.to_messages) and is then dropped.
+_NO_ANSWER = "\x00no answer\x00"
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: everything generation needs, read from the adapter folder."""
+
+    model: Any  # transformers PreTrainedModel or peft PeftModel, in eval mode
+    tokenizer: Any  # left padding, pad token set
+    system_prompt: str | None
+    end_of_turn_token: str | None
+    name: str  # the id clients ask for (serve) and what reports show
+    stop_token_ids: list[int]
+    max_context: int | None = None  # prompt + answer tokens the model can attend to (serve refuses more)
+    adapter_name: str | None = None  # peft adapter to activate before generating (several over one base)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a MODEL_OR_ADAPTER argument's weights, tokenizer and inference facts come from."""
+
+    path: Path
+    adapter_dir: Path | None  # None for a plain model directory
+    base_dir: Path
+    base_model: str  # as the user wrote it (hub id, builtin:..., path)
+    system_prompt: str | None
+    end_of_turn_token: str | None
+    trust_remote_code: bool = False
+
+    @property
+    def name(self) -> str:
+        # out/<run>/adapter -> "<run>": the run name is what a user recognises, not "adapter".
+        p = self.path.resolve()
+        return p.parent.name if p.name == "adapter" else p.name
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# -- finding the pieces -----------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object")
+    return data
+
+
+def _resolve_base(adapter_dir: Path, info: dict, adapter_cfg: dict) -> tuple[Path, str]:
+    base_model = info.get("base_model") or adapter_cfg.get("base_model_name_or_path") or ""
+    stored = info.get("base_model_path") or adapter_cfg.get("base_model_name_or_path") or ""
+    # A relative path is tried from the working directory, then from the adapter (a copied run folder).
+    for candidate in (Path(stored).expanduser(), adapter_dir / stored) if stored else ():
+        if (candidate / "config.json").is_file():
+            return candidate.resolve(), base_model
+    if not base_model:
+        raise ModelError(
+            f"{adapter_dir}: neither inference.json nor adapter_config.json names the base model"
+        )
+    # The adapter was moved to another machine (or the cache was cleared): fetch the base model again the
+    # way training did, so an adapter folder alone is enough (builtin models are rebuilt, bit for bit).
+    from chattune.models import resolve_model_dir
+
+    try:
+        return resolve_model_dir(base_model), base_model
+    except ModelError as e:
+        raise ModelError(f"{adapter_dir}: base model directory '{stored}' does not exist, and {e}") from None
+
+
+def read_model_source(path: str | Path) -> ModelSource:
+    """Classify `path` as an adapter folder or a model directory and find its base model."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(
+            f"'{path}' does not exist; pass an adapter folder (<run>/adapter) or a model directory"
+        )
+    info = _read_json(p / "inference.json") if (p / "inference.json").is_file() else {}
+    if (p / "adapter_config.json").is_file():
+        base_dir, base_model = _resolve_base(p, info, _read_json(p / "adapter_config.json"))
+        adapter_dir: Path | None = p
+    elif (p / "config.json").is_file():
+        base_dir, base_model, adapter_dir = p, info.get("base_model") or str(p), None
+    else:
+        raise ModelError(
+            f"'{path}' is neither an adapter folder (adapter_config.json) nor a model directory (config.json)"
+        )
+    return ModelSource(
+        path=p,
+        adapter_dir=adapter_dir,
+        base_dir=base_dir,
+        base_model=base_model,
+        system_prompt=info.get("system_prompt"),
+        end_of_turn_token=info.get("end_of_turn_token"),
+        trust_remote_code=bool(info.get("trust_remote_code", False)),
+    )
+
+
+def _guess_end_of_turn(tokenizer) -> str | None:
+    """The special token the template puts right after an assistant answer (Qwen: <|im_end|>)."""
+    from jinja2 import TemplateError
+
+    marker = "chattune-answer"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except (ValueError, TemplateError):
+        return None
+    if marker not in text:
+        return None
+    ids = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    if ids and ids[0] in tokenizer.added_tokens_decoder:
+        return tokenizer.convert_ids_to_tokens(ids[0])
+    return None
+
+
+def find_stop_ids(tokenizer, generation_config, eot: str | None) -> list[int]:
+    """Token ids that end an answer: the end-of-turn token first (as in Qwen's own generation_config),
+    then the tokenizer's eos and the model's generation_config eos ids."""
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    turns = [tokenizer.convert_tokens_to_ids(t) for t in (eot, _guess_end_of_turn(tokenizer)) if t]
+    turns = [i for i in turns if i != tokenizer.unk_token_id]  # a token missing from the vocabulary
+    candidates = [*turns, tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]
+    return list(dict.fromkeys(i for i in candidates if i is not None))  # unique, in order
+
+
+def _pick(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    from chattune.models import pick_device, pick_dtype
+
+    device = pick_device(device)
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in ("auto", "bfloat16", "float16", "float32"):
+        raise ChattuneError(f"dtype '{dtype}': use auto, bfloat16, float16 or float32")
+    return device, pick_dtype(name, device)
+
+
+def _load_base(src: ModelSource, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    # On a GPU, device_map loads the weights straight there instead of through a full copy in CPU memory.
+    on_gpu = {"device_map": device} if device.startswith("cuda") else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(src.base_dir), dtype=dtype, trust_remote_code=src.trust_remote_code, **on_gpu
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}") from None
+    return model if on_gpu else model.to(device)
+
+
+def load_source_tokenizer(src: ModelSource, *, for_generation: bool = True):
+    """The adapter's tokenizer (or the base's), set up for batched generation unless `for_generation` is off."""
+    from transformers import AutoTokenizer
+
+    # The adapter's own copy carries the chat template it was trained with; foreign adapters may lack one.
+    tok_dir = (
+        src.adapter_dir if src.adapter_dir and (src.adapter_dir / "tokenizer_config.json").is_file() else None
+    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(tok_dir or src.base_dir), trust_remote_code=src.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from '{tok_dir or src.base_dir}': {e}") from None
+    if not tok.chat_template:
+        raise ModelError(f"the tokenizer in '{tok_dir or src.base_dir}' has no chat template")
+    if not for_generation:  # as saved, for copying into a merged model
+        return tok
+    tok.padding_side = "left"  # generation appends on the right, so pads must sit on the left
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _max_context(model, tokenizer) -> int | None:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    if n is None and tokenizer.model_max_length < 10**7:  # transformers' "no limit" sentinel is ~1e30
+        n = tokenizer.model_max_length
+    return n
+
+
+def _finish_loading(src: ModelSource, model, tokenizer, name: str, adapter_name: str | None) -> Loaded:
+    eot = src.end_of_turn_token or _guess_end_of_turn(tokenizer)
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        system_prompt=src.system_prompt,
+        end_of_turn_token=eot,
+        name=name,
+        stop_token_ids=find_stop_ids(tokenizer, getattr(model, "generation_config", None), eot),
+        max_context=_max_context(model, tokenizer),
+        adapter_name=adapter_name,
+    )
+
+
+def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto") -> Loaded:
+    """Load an adapter folder over its base model (or a plain model directory) for generation."""
+    from peft import PeftModel
+
+    src = read_model_source(path)
+    device, torch_dtype = _pick(device, dtype)
+    model = _load_base(src, device, torch_dtype)
+    if src.adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+    model.eval()
+    return _finish_loading(src, model, load_source_tokenizer(src), src.name, None)
+
+
+def load_many_for_inference(
+    paths: list[str | Path], *, device: str = "auto", dtype: str = "auto"
+) -> list[Loaded]:
+    """Several adapters (and/or models): adapters over the same base share one copy of its weights.
+
+    Each adapter is loaded into the shared PeftModel under its name; `generate` switches to it first.
+    """
+    from peft import PeftModel
+
+    sources = [read_model_source(p) for p in paths]
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ChattuneError(f"two models would be served under the same name: {names}; give distinct folders")
+    device, torch_dtype = _pick(device, dtype)
+    shared: dict[Path, Any] = {}  # base dir -> PeftModel holding every adapter on that base
+    out = []
+    for src, name in zip(sources, names, strict=True):
+        if src.adapter_dir is None:
+            model = _load_base(src, device, torch_dtype).eval()
+            out.append(_finish_loading(src, model, load_source_tokenizer(src), name, None))
+            continue
+        if src.base_dir not in shared:
+            base = _load_base(src, device, torch_dtype)
+            shared[src.base_dir] = PeftModel.from_pretrained(
+                base, str(src.adapter_dir), adapter_name=name
+            ).eval()
+        else:
+            shared[src.base_dir].load_adapter(str(src.adapter_dir), adapter_name=name)
+        out.append(_finish_loading(src, shared[src.base_dir], load_source_tokenizer(src), name, name))
+    return out
+
+
+# -- prompts and generation -------------------------------------------------------------------------------
+def build_prompt(loaded: Loaded, messages: list[dict], system_prompt: str | None = None) -> str:
+    """The generation prompt: the stored system prompt unless the conversation has one, then the template."""
+    from chattune.templates import build_generation_prompt
+
+    if not isinstance(messages, list) or not messages:
+        raise ChattuneError("a conversation must be a non-empty list of {role, content} messages")
+    for k, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ChattuneError(f"message {k} must be an object with string 'role' and 'content'")
+    system = system_prompt if system_prompt is not None else loaded.system_prompt
+    return build_generation_prompt(loaded.tokenizer, messages, system)
+
+
+def default_sampling(loaded: Loaded) -> tuple[float, float]:
+    """(temperature, top_p) when the caller gives none: the model's generation_config.json, like vLLM."""
+    gc = getattr(loaded.model, "generation_config", None)
+    if gc is not None and gc.do_sample:
+        return float(gc.temperature or 1.0), float(gc.top_p or 1.0)
+    return 0.0, 1.0
+
+
+class _StopOnText(StoppingCriteria):
+    """Ends a row once its new text contains a stop string.
+
+    transformers' StopStringCriteria preprocesses the whole vocabulary (~2 s for Qwen's 151k tokens) on
+    every construction, too slow per request; decoding the last few tokens of each row is cheap.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], prompt_len: int):
+        self.tokenizer, self.stop, self.prompt_len = tokenizer, stop, prompt_len
+        self.tail = max(len(s) for s in stop) + 8  # tokens; every token decodes to at least one character
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_len :][:, -self.tail :], skip_special_tokens=True
+        )
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
+
+
+def _check(max_new_tokens: int, temperature: float, top_p: float, n: int) -> None:
+    if max_new_tokens < 1:
+        raise ChattuneError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ChattuneError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ChattuneError(f"top_p must be in (0, 1], got {top_p}")
+    if n < 1:
+        raise ChattuneError(f"n must be at least 1, got {n}")
+
+
+def _generation_config(loaded: Loaded, max_new_tokens: int, temperature: float, top_p: float, n: int):
+    # Unset fields (top_k, repetition_penalty, ...) are filled from the model's generation_config.json.
+    sample = temperature > 0
+    kw: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        eos_token_id=loaded.stop_token_ids,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        num_return_sequences=n if sample else 1,
+    )
+    if sample:
+        kw.update(temperature=temperature, top_p=top_p)
+    else:  # neutral values, so the model's sampling defaults do not warn about being ignored
+        kw.update(temperature=1.0, top_p=1.0, top_k=50)
+    return GenerationConfig(**kw)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    if seed is None:
+        yield
+        return
+    # Fork the RNG so a seeded request does not change what later unseeded requests sample.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _encode(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    # Left padding whatever the tokenizer's default (the trainer's pads right): generation appends on the
+    # right. Every call uses the same padding/truncation settings, because a Rust tokenizer whose settings
+    # change needs exclusive access and fails ("Already borrowed") if another thread is encoding.
+    return tokenizer(
+        prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
+
+
+def count_tokens(loaded: Loaded, prompt: str) -> int:
+    """Tokens in a rendered prompt (safe to call while another thread generates)."""
+    return int(_encode(loaded.tokenizer, [prompt])["attention_mask"].sum())
+
+
+def _prepare(loaded: Loaded, prompts: list[str]):
+    if loaded.adapter_name is not None:
+        loaded.model.set_adapter(loaded.adapter_name)
+    device = loaded.model.device
+    return {k: v.to(device) for k, v in _encode(loaded.tokenizer, prompts).items()}, device
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
+    hits = [i for i in (text.find(s) for s in stop or []) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _completion(loaded: Loaded, ids: list[int], prompt_tokens: int, max_new_tokens: int, stop) -> Completion:
+    # A row that ended early is padded up to the batch's longest; the pad id also ends the answer.
+    ends = set(loaded.stop_token_ids) | {loaded.tokenizer.pad_token_id}
+    cut = next((i for i, t in enumerate(ids) if t in ends), None)
+    body = ids if cut is None else ids[:cut]
+    text, hit = _cut_at_stop(loaded.tokenizer.decode(body, skip_special_tokens=True), stop)
+    reason = "length" if cut is None and not hit and len(ids) >= max_new_tokens else "stop"
+    generated = len(body) + (cut is not None and ids[cut] in loaded.stop_token_ids)  # the eos was generated
+    return Completion(text, reason, prompt_tokens, int(generated))
+
+
+def generate_completions(
+    loaded: Loaded,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    n: int = 1,
+    seed: int | None = None,
+) -> list[Completion]:
+    """One batched `generate` call; `n` completions per conversation, conversation-major."""
+    _check(max_new_tokens, temperature, top_p, n)
+    enc, device = _prepare(loaded, [build_prompt(loaded, c) for c in conversations])
+    prompt_len = enc["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([_StopOnText(loaded.tokenizer, stop, prompt_len)] if stop else [])
+    config = _generation_config(loaded, max_new_tokens, temperature, top_p, n)
+    with _seeded(seed, device), torch.inference_mode():
+        out = loaded.model.generate(**enc, generation_config=config, stopping_criteria=criteria)
+    new = out[:, prompt_len:].tolist()
+    if temperature == 0 and n > 1:  # greedy answers are identical: generate once, repeat
+        new = [row for row in new for _ in range(n)]
+    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+    return [
+        _completion(loaded, ids, prompt_tokens[i // n], max_new_tokens, stop) for i, ids in enumerate(new)
+    ]
+
+
+def generate(
+    loaded: Loaded,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    n: int = 1,
+    seed: int | None = None,
+) -> list[str]:
+    """Answer each conversation (greedy when temperature == 0); `n` answers each, conversation-major."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, n=n, seed=seed)
+    return [c.text for c in generate_completions(loaded, conversations, **kw)]
+
+
+def _held_back(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def stream_events(
+    loaded: Loaded,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+) -> Iterator[str | Completion]:
+    """Text pieces as they are generated, then one final Completion (full text, finish reason, counts).
+
+    Closing the iterator early (client gone, Ctrl-C) stops the generation thread at the next token.
+    """
+    _check(max_new_tokens, temperature, top_p, 1)
+    enc, device = _prepare(loaded, [build_prompt(loaded, messages)])
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    cancel = threading.Event()
+    config = _generation_config(loaded, max_new_tokens, temperature, top_p, 1)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with _seeded(seed, device), torch.inference_mode():
+                result["ids"] = loaded.model.generate(
+                    **enc,
+                    generation_config=config,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                )
+        except BaseException as e:  # re-raised in the consumer's thread below
+            result["error"] = e
+            streamer.end()  # wake the consumer, which would otherwise wait forever
+
+    thread = threading.Thread(target=work, name="chattune-generate", daemon=True)
+    thread.start()
+    text, pending, hit = "", "", False
+    try:
+        for piece in streamer:
+            pending += piece
+            cut, hit = _cut_at_stop(pending, stop)
+            keep = 0 if hit or not stop else _held_back(cut, stop)
+            out, pending = cut[: len(cut) - keep], cut[len(cut) - keep :]
+            if out:
+                text += out
+                yield out
+            if hit:
+                break
+        if pending and "error" not in result:
+            text += pending
+            yield pending
+    finally:
+        cancel.set()
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    prompt_len = enc["input_ids"].shape[1]
+    done = _completion(loaded, result["ids"][0, prompt_len:].tolist(), prompt_len, max_new_tokens, stop)
+    yield Completion(text, "stop" if hit else done.finish_reason, prompt_len, done.completion_tokens)
+
+
+def stream(
+    loaded: Loaded,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """Text pieces of one answer as they are generated."""
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+    events = stream_events(loaded, messages, **kw)
+    try:
+        for event in events:
+            if isinstance(event, str):
+                yield event
+    finally:
+        events.close()
+
+
+# -- batch prediction -------------------------------------------------------------------------------------
+def _with_placeholder(rec: Any) -> Any | None:
+    """The record with a stand-in answer appended, or None when its shape is not one we know."""
+    if not isinstance(rec, dict):
+        return None
+    if isinstance(rec.get("messages"), list):
+        return {**rec, "messages": rec["messages"] + [{"role": "assistant", "content": _NO_ANSWER}]}
+    if isinstance(rec.get("conversations"), list):
+        return {**rec, "conversations": rec["conversations"] + [{"from": "gpt", "value": _NO_ANSWER}]}
+    if "instruction" in rec or "input" in rec:
+        return {**rec, "output": _NO_ANSWER}
+    return None
+
+
+def read_prompts(
+    path: str | Path, fmt: str = "auto", converter: str | None = None
+) -> list[tuple[list, str | None]]:
+    """(conversation up to the answer, reference answer or None) per record, converted as in training."""
+    from chattune.data import _BadRow, read_records, to_messages
+
+    rows = []
+    for line, rec in read_records(path):
+        try:
+            if isinstance(rec, _BadRow):
+                raise rec
+            try:
+                msgs = to_messages(rec, fmt, None, converter)
+            except _BadRow:
+                # A record without an answer (nothing to compare with) is still a prompt to answer.
+                if (filled := _with_placeholder(rec)) is None:
+                    raise
+                msgs = to_messages(filled, fmt, None, converter)
+        except _BadRow as e:
+            raise DataError(str(path), line, str(e)) from None
+        ref = msgs[-1]["content"]
+        rows.append((msgs[:-1], None if ref == _NO_ANSWER else ref))
+    if not rows:
+        raise DataError(str(path), None, "no records to predict")
+    return rows
+
+
+def predict_file(
+    loaded: Loaded,
+    input_path: str | Path,
+    output_path: str | Path,
+    batch_size: int = 8,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    fmt: str = "auto",
+    converter: str | None = None,
+) -> int:
+    """Answer every record of a .jsonl/.json file; write {prompt, prediction, reference} lines atomically.
+
+    `prompt` is the last user turn (as in the trainer's sample predictions). Returns the number written.
+    """
+    if batch_size < 1:
+        raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
+    rows = read_prompts(input_path, fmt, converter)
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Longest prompts first, batched by length: less padding, and an out-of-memory error shows up at once.
+    order = sorted(range(len(rows)), key=lambda i: -sum(len(m["content"]) for m in rows[i][0]))
+    answers: dict[int, str] = {}
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, text in zip(chunk, generate(loaded, [rows[i][0] for i in chunk], **kw), strict=True):
+            answers[i] = text
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for i, (msgs, ref) in enumerate(rows):
+                prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+                row = {"prompt": prompt, "prediction": answers[i], "reference": ref}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(rows)

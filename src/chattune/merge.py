@@ -1,0 +1,98 @@
+"""Merge an adapter folder into its base model: one plain model directory any tool can load.
+
+adapter/ + base model --peft merge_and_unload--> merged/{model.safetensors, config.json,
+generation_config.json (stops at the end-of-turn token), tokenizer + chat template, inference.json}.
+Written into a temporary directory and renamed, so a failed merge leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from chattune.errors import ChattuneError, ModelError
+
+
+def _untie_if_diverged(model) -> None:
+    """Keep `tie_word_embeddings` only while input and output embeddings are still one matrix.
+
+    An adapter that trained `lm_head` or `embed_tokens` (modules_to_save) on a tied model (Qwen2.5-0.5B/1.5B)
+    leaves two different matrices; saving them with the tie flag on would make loaders silently re-tie them.
+    """
+    import torch
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp.weight is out.weight:
+        return
+    config = getattr(model.config, "text_config", None) or model.config
+    if getattr(config, "tie_word_embeddings", False) and not torch.equal(inp.weight, out.weight):
+        config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> Path:
+    """Write the base model with the adapter merged in to `output_dir` (which must be new or empty).
+
+    `dtype` (bfloat16 / float16 / float32) defaults to the base checkpoint's own dtype.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from chattune.infer import find_stop_ids, load_source_tokenizer, read_model_source
+
+    src = read_model_source(adapter_dir)
+    if src.adapter_dir is None:
+        raise ChattuneError(f"'{adapter_dir}' is a model directory, not an adapter folder: nothing to merge")
+    out = Path(output_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ChattuneError(f"output directory '{out}' already exists and is not empty; choose a new one")
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    dtype = names.get(dtype, dtype) if dtype else None
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise ChattuneError(f"dtype '{dtype}': use bfloat16, float16 or float32 (or leave it unset)")
+
+    try:  # on the CPU: merging needs no GPU, and a 7B model fits in RAM where it may not fit beside a job
+        base = AutoModelForCausalLM.from_pretrained(
+            str(src.base_dir),
+            dtype=getattr(torch, dtype) if dtype else "auto",
+            trust_remote_code=src.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}") from None
+    model = PeftModel.from_pretrained(base, str(src.adapter_dir)).merge_and_unload()
+    _untie_if_diverged(model)
+    tokenizer = load_source_tokenizer(src, for_generation=False)
+
+    # Tools that only read generation_config.json (plain `generate`, vLLM, TGI) must stop at the end of
+    # the assistant turn, not run on into a made-up next turn.
+    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
+    gen.eos_token_id = find_stop_ids(tokenizer, gen, src.end_of_turn_token)
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = gen
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)  # safetensors; a tied lm_head is stored once
+        tokenizer.save_pretrained(tmp)  # writes chat_template.jinja
+        info = {
+            "base_model": src.base_model,
+            "merged_from": str(src.adapter_dir.resolve()),
+            "system_prompt": src.system_prompt,
+            "end_of_turn_token": src.end_of_turn_token,
+        }
+        (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+        if (src.adapter_dir / "chattune.yaml").is_file():  # provenance: the run that trained it
+            shutil.copy2(src.adapter_dir / "chattune.yaml", tmp / "chattune.yaml")
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename cannot replace it on every platform
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,496 @@
+"""OpenAI-compatible HTTP server over loaded adapters (several adapters over one base, served by name).
+
+client --POST /v1/chat/completions--> checks (401/400/404 in OpenAI's error shape) --bounded queue (503 when
+full)--> one generation worker thread, which batches compatible requests --> JSON, or SSE chunks.
+Prompts go through `infer.build_prompt`, so the adapter's template and system prompt apply as in training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chattune.errors import ChattuneError
+from chattune.infer import (
+    Completion,
+    Loaded,
+    build_prompt,
+    count_tokens,
+    default_sampling,
+    generate_completions,
+    stream_events,
+)
+
+MAX_N = 8  # completions per request: n=100 would hold the single worker for everyone else
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# -- request schema -------------------------------------------------------------------------------------
+class _Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=false, ...)
+
+    model: str | None = None
+    messages: list[_Message]
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = None
+
+
+def _text(m: _Message, k: int) -> str:
+    if isinstance(m.content, str) or m.content is None:
+        return m.content or ""
+    parts = []
+    for part in m.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{k}]: only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+# -- the generation worker ------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    loaded: Loaded
+    messages: list[dict]
+    params: dict[str, Any]  # generate_completions keyword arguments
+    stream: bool
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    push: Any = None  # stream: called (thread-safely) with each event, then with None at the end
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def batch_key(self) -> tuple | None:
+        """Jobs with equal keys can share one `generate` call; seeded or streamed jobs run alone."""
+        if self.stream or self.params["seed"] is not None:
+            return None
+        p = self.params
+        return (
+            id(self.loaded),
+            p["max_new_tokens"],
+            p["temperature"],
+            p["top_p"],
+            tuple(p["stop"] or ()),
+            p["n"],
+        )
+
+
+class GenerationWorker:
+    """One thread owns the model: requests wait in a bounded queue and compatible ones run as a batch."""
+
+    def __init__(self, max_queue: int = 64, max_batch: int = 8):
+        self.queue: queue.Queue[_Job] = queue.Queue(maxsize=max_queue)
+        self.max_batch = max_batch
+        self._held: deque[_Job] = deque()  # taken from the queue while batching but not compatible
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="chattune-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, job: _Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise APIError(
+                503, "the server is busy (request queue full); retry shortly", code="overloaded"
+            ) from None
+
+    def _next_batch(self) -> list[_Job]:
+        first = self._held.popleft() if self._held else self.queue.get(timeout=0.2)
+        batch = [first]
+        key = first.batch_key()
+        while key is not None and len(batch) < self.max_batch:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job.batch_key() != key:
+                self._held.append(job)  # runs next, so arrival order is kept
+                break
+            batch.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._next_batch()
+            except queue.Empty:
+                continue
+            if batch[0].stream:
+                self._stream(batch[0])
+                continue
+            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]  # drop abandoned requests
+            if not batch:
+                continue
+            try:
+                done = generate_completions(batch[0].loaded, [j.messages for j in batch], **batch[0].params)
+            except Exception as e:  # handed to each request; the worker keeps serving
+                for j in batch:
+                    j.future.set_exception(e)
+                continue
+            n = batch[0].params["n"]
+            for i, j in enumerate(batch):
+                j.future.set_result(done[i * n : (i + 1) * n])
+        held, self._held = [*self._held, *_drain(self.queue)], deque()
+        for job in held:  # shutting down: nobody will answer these
+            if job.stream:
+                job.push(APIError(503, "the server is shutting down"))
+                job.push(None)
+            elif job.future.set_running_or_notify_cancel():
+                job.future.set_exception(APIError(503, "the server is shutting down"))
+
+    def _stream(self, job: _Job) -> None:
+        params = {k: v for k, v in job.params.items() if k != "n"}
+        events = stream_events(job.loaded, job.messages, **params)
+        try:
+            for event in events:
+                if job.cancelled.is_set():  # the client went away: stop generating for it
+                    break
+                job.push(event)
+        except Exception as e:
+            job.push(e)
+        finally:
+            events.close()
+            job.push(None)
+
+
+def _drain(q: queue.Queue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
+
+
+# -- the app --------------------------------------------------------------------------------------------
+def _check_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), api_key.encode()):
+        raise APIError(
+            401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+        )
+
+
+def _parse(body: bytes) -> _ChatRequest:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    try:
+        return _ChatRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise APIError(400, f"{where}: {err['msg']}", param=where or None) from None
+
+
+def build_app(
+    models: Loaded | list[Loaded],
+    *,
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_batch: int = 8,
+    default_max_tokens: int = 512,
+) -> FastAPI:
+    """The ASGI app; the generation worker runs while the app is being served (its lifespan)."""
+    by_name = {m.name: m for m in (models if isinstance(models, list) else [models])}
+    for m in by_name.values():  # settle the tokenizer's padding settings before two threads use it
+        count_tokens(m, "")
+    worker = GenerationWorker(max_queue=max_queue, max_batch=max_batch)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="chattune", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)  # unknown routes, wrong methods: same error shape
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)  # a bug in one request: a JSON 500, and the server keeps serving
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": list(by_name), "queued": worker.queue.qsize()}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        _check_key(request, api_key)
+        data = [{"id": n, "object": "model", "created": created, "owned_by": "chattune"} for n in by_name]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _check_key(request, api_key)
+        req = _parse(await request.body())
+        if req.model is None and len(by_name) == 1:
+            req.model = next(iter(by_name))
+        if req.model is None:
+            raise APIError(400, f"model is required (serving: {', '.join(by_name)})", param="model")
+        if req.model not in by_name:
+            raise APIError(
+                404,
+                f"model '{req.model}' is not served here (serving: {', '.join(by_name)})",
+                code="model_not_found",
+                param="model",
+            )
+        loaded = by_name[req.model]
+        if not req.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if req.stream and req.n > 1:
+            raise APIError(400, "stream with n > 1 is not supported", param="n")
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": _text(m, k)}
+            for k, m in enumerate(req.messages)
+        ]
+        try:
+            prompt = build_prompt(loaded, messages)
+        except (ChattuneError, ValueError, TemplateError) as e:  # the template refuses it (e.g. role order)
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        prompt_tokens = count_tokens(loaded, prompt)
+        limit = loaded.max_context
+        room = limit - prompt_tokens if limit else default_max_tokens
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(default_max_tokens, room))
+        if limit and prompt_tokens + max_tokens > limit:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {limit} tokens; the messages use "
+                f"{prompt_tokens} and max_tokens asks for {max_tokens}",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        temperature, top_p = default_sampling(loaded)
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        params = dict(
+            max_new_tokens=max_tokens,
+            temperature=temperature if req.temperature is None else req.temperature,
+            top_p=top_p if req.top_p is None else req.top_p,
+            stop=[s for s in stop or [] if s] or None,
+            n=req.n,
+            seed=req.seed,
+        )
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.name}
+        job = _Job(loaded, messages, params, stream=req.stream)
+        if req.stream:
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return _stream_response(job, worker, meta, include_usage)
+        worker.submit(job)
+        try:
+            done: list[Completion] = await asyncio.wrap_future(job.future)
+        except ChattuneError as e:
+            raise APIError(400, str(e)) from None
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(done)
+        ]
+        used = sum(c.completion_tokens for c in done)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": used,
+            "total_tokens": prompt_tokens + used,
+        }
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
+
+    return app
+
+
+def _stream_response(
+    job: _Job, worker: GenerationWorker, meta: dict, include_usage: bool
+) -> StreamingResponse:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def push(event: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            job.cancelled.set()
+
+    job.push = push
+    worker.submit(job)  # raises 503 before any byte of the stream is sent
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        body = {**meta, "object": "chat.completion.chunk", "choices": [choice], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while (event := await events.get()) is not None:
+                if isinstance(event, str):
+                    yield chunk({"content": event})
+                elif isinstance(event, Completion):
+                    yield chunk({}, event.finish_reason)
+                    if include_usage:
+                        used = event.completion_tokens
+                        usage = {
+                            "prompt_tokens": event.prompt_tokens,
+                            "completion_tokens": used,
+                            "total_tokens": event.prompt_tokens + used,
+                        }
+                        body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                        yield f"data: {json.dumps(body)}\n\n"
+                else:  # an exception from the worker: headers are sent, so report it in the stream
+                    status = event.status if isinstance(event, APIError) else 500
+                    err = {"message": str(event), "type": "server_error", "param": None, "code": status}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # client disconnected or stream done: the worker stops at the next token
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# -- running it -----------------------------------------------------------------------------------------
+def build_vllm_command(paths: list[str | Path], host: str, port: int) -> list[str]:
+    """`vllm serve` over the same base and adapters (vLLM has its own OpenAI server)."""
+    from chattune.infer import read_model_source
+
+    sources = [read_model_source(p) for p in paths]
+    bases = {s.base_dir for s in sources}
+    if len(bases) != 1:
+        raise ChattuneError("--engine vllm serves adapters over one base model; these use several")
+    cmd = ["vllm", "serve", str(bases.pop()), "--host", host, "--port", str(port)]
+    adapters = [s for s in sources if s.adapter_dir is not None]
+    if adapters:
+        ranks = [json.loads((s.adapter_dir / "adapter_config.json").read_text())["r"] for s in adapters]
+        rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= max(ranks))  # vLLM's allowed values
+        cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules"]
+        cmd += [f"{s.name}={s.adapter_dir}" for s in adapters]
+        cmd += ["--chat-template", str(adapters[0].adapter_dir / "chat_template.jinja")]
+    return cmd
+
+
+def _run_vllm(paths: list[str | Path], host: str, port: int, api_key: str | None) -> None:
+    import importlib.util
+    import os
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ChattuneError(
+            "--engine vllm: vllm is not installed (pip install vllm, on a CUDA machine), "
+            "or use the default --engine transformers"
+        )
+    from chattune.infer import read_model_source
+
+    if any(read_model_source(p).system_prompt for p in paths):
+        print(
+            "warning: vLLM does not apply the adapter's stored system prompt; send it in each request",
+            file=sys.stderr,
+        )
+    env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}  # not on the command line (ps)
+    raise SystemExit(subprocess.call(build_vllm_command(paths, host, port), env=env))
+
+
+def run_server(
+    path_or_paths: str | Path | list[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    engine: str = "transformers",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_queue: int = 64,
+    max_batch: int = 8,
+    default_max_tokens: int = 512,
+    log_level: str = "info",
+) -> None:
+    """Load the model(s) and serve until interrupted (the `chattune serve` command)."""
+    import uvicorn
+
+    from chattune.infer import load_for_inference, load_many_for_inference
+
+    paths = path_or_paths if isinstance(path_or_paths, list) else [path_or_paths]
+    if engine == "vllm":
+        return _run_vllm(paths, host, port, api_key)
+    if engine != "transformers":
+        raise ChattuneError(f"--engine {engine}: use transformers (default) or vllm")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    if len(paths) == 1:
+        models: Loaded | list[Loaded] = load_for_inference(paths[0], device=device, dtype=dtype)
+    else:
+        models = load_many_for_inference(paths, device=device, dtype=dtype)
+    app = build_app(
+        models,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        default_max_tokens=default_max_tokens,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

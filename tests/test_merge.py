@@ -1,0 +1,174 @@
+"""merge: the merged model computes what base + adapter computes, and loads anywhere on its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_infer import SYSTEM, make_adapter_dir
+
+from chattune.errors import ChattuneError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
+    make generation ~30x slower; restored afterwards so other modules keep their setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
+    """Like conftest's tiny model, but with a separate lm_head (as in Qwen2.5-7B)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(qwen_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=qwen_tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    out = tmp_path_factory.mktemp("tiny-untied")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    qwen_tokenizer.save_pretrained(out)
+    return out
+
+
+def _inputs(tokenizer):
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你好, merge me"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return tokenizer([text], return_tensors="pt")
+
+
+def _adapter_logits(base_dir: Path, adapter: Path, inputs) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def merged_case(tiny_model_dir, untied_model_dir, qwen_tokenizer, tmp_path_factory):
+    """tied -> (base dir, adapter dir, merged dir); each merge is done once for the module."""
+    from chattune.merge import merge_adapter
+
+    cases = {}
+
+    def get(tied: bool) -> tuple[Path, Path, Path]:
+        if tied not in cases:
+            base = tiny_model_dir if tied else untied_model_dir
+            root = tmp_path_factory.mktemp("tied" if tied else "untied")
+            adapter = make_adapter_dir(base, root / "run" / "adapter", qwen_tokenizer)
+            cases[tied] = (base, adapter, merge_adapter(adapter, root / "merged"))
+        return cases[tied]
+
+    return get
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merged_model_equals_adapter(tied, merged_case):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    base, adapter, merged = merged_case(tied)
+    assert merged == adapter.parent.parent / "merged"
+
+    # Plain transformers, no peft, no chattune: the tutorials' loading code.
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    inputs = _inputs(tok)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    want = _adapter_logits(base, adapter, inputs)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    with torch.no_grad():  # and the adapter did change the model, so the comparison means something
+        plain = AutoModelForCausalLM.from_pretrained(base)(**inputs).logits
+    assert not torch.allclose(plain, want, atol=1e-3)
+
+    assert model.config.tie_word_embeddings is tied
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(merged.glob("adapter_*"))
+
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    gen = GenerationConfig.from_pretrained(merged)
+    assert gen.eos_token_id[0] == im_end and gen.pad_token_id is not None
+    template = (merged / "chat_template.jinja").read_text(encoding="utf-8")
+    assert template == (adapter / "chat_template.jinja").read_text(encoding="utf-8") == tok.chat_template
+    assert json.loads((merged / "inference.json").read_text())["system_prompt"] == SYSTEM
+    assert (merged / "chattune.yaml").is_file()
+    assert [p.name for p in merged.parent.iterdir() if p.name.startswith(".")] == []  # no temp dir left
+
+
+def test_merged_dir_answers_like_the_adapter(merged_case):
+    from chattune.infer import generate, load_for_inference
+
+    _, adapter, merged = merged_case(True)
+    a, m = load_for_inference(adapter, device="cpu"), load_for_inference(merged, device="cpu")
+    assert m.system_prompt == SYSTEM and m.end_of_turn_token == "<|im_end|>"
+    question = [[{"role": "user", "content": "Who are you?"}]]
+    assert generate(m, question, max_new_tokens=8) == generate(a, question, max_new_tokens=8)
+
+
+def test_trained_lm_head_on_a_tied_model_is_untied(tiny_model_dir, qwen_tokenizer, tmp_path):
+    """modules_to_save=["lm_head"] on Qwen2.5-0.5B-style tied embeddings: the merged model keeps both."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chattune.merge import merge_adapter
+
+    adapter = make_adapter_dir(tiny_model_dir, tmp_path / "run" / "adapter", qwen_tokenizer)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name or "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(adapter)  # overwrite the adapter weights and config, keep the rest of the folder
+    merged = merge_adapter(adapter, tmp_path / "merged")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert reloaded.config.tie_word_embeddings is False
+    inputs = _inputs(qwen_tokenizer)
+    with torch.no_grad():
+        got = reloaded(**inputs).logits
+    assert torch.allclose(got, _adapter_logits(tiny_model_dir, adapter, inputs), atol=1e-5)
+
+
+def test_refuses_to_overwrite(merged_case, tiny_model_dir, tmp_path):
+    from chattune.merge import merge_adapter
+
+    _, adapter, _ = merged_case(True)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(ChattuneError, match="not empty"):
+        merge_adapter(adapter, taken)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    with pytest.raises(ChattuneError, match="not an adapter"):
+        merge_adapter(tiny_model_dir, tmp_path / "x")
+    with pytest.raises(ChattuneError, match="dtype"):
+        merge_adapter(adapter, tmp_path / "y", dtype="int3")
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty directory is fine
+    assert (merge_adapter(adapter, empty, dtype="bf16") / "config.json").is_file()
+    assert json.loads((empty / "config.json").read_text())["dtype"] == "bfloat16"

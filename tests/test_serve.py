@@ -1,0 +1,251 @@
+"""serve: the official openai client against a live server on 127.0.0.1; errors; load; several adapters."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from test_infer import SYSTEM, make_adapter_dir
+
+KEY = "sk-test-key"
+HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
+    make generation ~30x slower; restored afterwards so other modules keep their setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port; yield its base URL; shut it down."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # bound before the server starts: no race for the port
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert not thread.is_alive()
+
+
+def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    """Raw HTTP (no proxy), for requests the openai client would refuse to send."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(url, data=body, headers=headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, qwen_tokenizer, tmp_path_factory):
+    return make_adapter_dir(tiny_model_dir, tmp_path_factory.mktemp("serve") / "adapter", qwen_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def loaded(adapter):
+    from chattune.infer import load_for_inference
+
+    return load_for_inference(adapter, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(loaded) -> Iterator[str]:
+    from chattune.serve import build_app
+
+    with serving(build_app(loaded, api_key=KEY, max_queue=64, max_batch=8, default_max_tokens=8)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _expected(loaded, messages, k: int) -> str:
+    from chattune.infer import generate
+
+    return generate(loaded, [messages], max_new_tokens=k)[0]
+
+
+def test_completion_and_stream_with_the_openai_client(client, loaded):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [loaded.name]
+
+    r = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=6, temperature=0)
+    want = _expected(loaded, HELLO, 6)  # with the stored system prompt, as chat and predict answer
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 10 and r.model == loaded.name
+
+    chunks = list(
+        client.chat.completions.create(
+            model=loaded.name,
+            messages=HELLO,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+
+    # A system message in the request replaces the stored one; stop strings cut the answer.
+    own = [{"role": "system", "content": "Other."}, *HELLO]
+    r = client.chat.completions.create(model=loaded.name, messages=own, max_tokens=6, n=2)
+    assert [c.message.content for c in r.choices] == [_expected(loaded, own, 6)] * 2
+    stop = want[1:3]
+    r = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=6, stop=stop)
+    assert r.choices[0].message.content == want[: want.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, client, loaded):
+    import openai
+
+    url = f"{server}/v1/chat/completions"
+    ok = json.dumps({"model": loaded.name, "messages": HELLO, "max_tokens": 2}).encode()
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert _post(url, ok, key="wrong")[0] == 401
+    assert _post(url, ok, key=None)[0] == 401
+
+    status, body = _post(url, b'{"model": "x", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
+    assert e.value.status_code == 404 and "gpt-4o" in e.value.message
+
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=loaded.name, messages=[], max_tokens=2)
+    status, body = _post(url, json.dumps({"model": loaded.name, "messages": [{"role": "robot"}]}).encode())
+    assert status == 400 and body["error"]["param"].startswith("messages")
+    status, _ = _post(url, json.dumps({"model": loaded.name, "messages": HELLO, "temperature": -1}).encode())
+    assert status == 400
+
+    long_text = "word " * 600  # the tiny model attends to 512 positions
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": long_text}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=10_000)
+
+    assert _post(f"{server}/v1/nothing-here", b"{}")[0] == 404
+    r = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=2)
+    assert r.choices[0].message.content == _expected(loaded, HELLO, 2)  # still serving, still right
+
+
+def test_fifty_concurrent_requests_all_complete(client, loaded):
+    questions = [[{"role": "user", "content": f"Question number {i}: {'why ' * i}?"}] for i in range(5)]
+    want = [_expected(loaded, q, 4) for q in questions]
+
+    def ask(i: int) -> str:
+        r = client.chat.completions.create(model=loaded.name, messages=questions[i % 5], max_tokens=4)
+        return r.choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        answers = list(pool.map(ask, range(50), timeout=120))
+    # Requests were batched together by the worker, and batching does not change greedy answers.
+    assert answers == [want[i % 5] for i in range(50)]
+
+
+def test_full_queue_answers_503(loaded):
+    from chattune.serve import _Job, build_app
+
+    app = build_app(loaded, max_queue=1)
+    with serving(app) as url:
+        worker = app.state.worker
+        worker.stop()  # hold the queue still so that it can be filled deterministically
+        waiting = _Job(
+            loaded,
+            HELLO,
+            dict(max_new_tokens=2, temperature=0.0, top_p=1.0, stop=None, n=1, seed=None),
+            False,
+        )
+        worker.submit(waiting)
+        body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()  # model may be left out: one served
+        status, err = _post(f"{url}/v1/chat/completions", body, key=None)
+        assert status == 503 and err["error"]["code"] == "overloaded"
+        worker.start()
+        assert waiting.future.result(timeout=60)[0].text == _expected(loaded, HELLO, 2)
+        assert _post(f"{url}/v1/chat/completions", body, key=None)[0] == 200
+
+
+def test_several_adapters_over_one_base(tiny_model_dir, qwen_tokenizer, tmp_path):
+    from dataclasses import replace
+
+    from openai import OpenAI
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chattune.infer import generate, load_many_for_inference
+    from chattune.serve import build_app
+
+    a = make_adapter_dir(tiny_model_dir, tmp_path / "alpha" / "adapter", qwen_tokenizer, seed=1)
+    b = make_adapter_dir(
+        tiny_model_dir, tmp_path / "beta" / "adapter", qwen_tokenizer, seed=2, system_prompt=None
+    )
+    both = load_many_for_inference([a, b], device="cpu")
+    assert [m.name for m in both] == ["alpha", "beta"] and both[0].model is both[
+        1
+    ].model  # one base in memory
+    assert both[0].system_prompt == SYSTEM and both[1].system_prompt is None
+    want = {}
+    for m, path in zip(both, [a, b], strict=True):  # each adapter alone over its own copy of the base
+        alone = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path).eval()
+        want[m.name] = generate(replace(m, model=alone, adapter_name=None), [HELLO], max_new_tokens=5)[0]
+    assert want["alpha"] != want["beta"]
+    with serving(build_app(both)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for name in ["alpha", "beta", "alpha"]:  # switching back and forth
+            r = client.chat.completions.create(model=name, messages=HELLO, max_tokens=5)
+            assert r.choices[0].message.content == want[name]
+
+
+def test_vllm_engine(adapter, tiny_model_dir, tmp_path):
+    import importlib.util
+
+    from chattune.errors import ChattuneError
+    from chattune.serve import build_vllm_command, run_server
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ChattuneError, match="vllm is not installed"):
+            run_server(adapter, engine="vllm")
+    cmd = build_vllm_command([adapter], "127.0.0.1", 8001)
+    assert cmd[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
+    assert f"{adapter.parent.name}={adapter}" in cmd and "--enable-lora" in cmd
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
