@@ -74,7 +74,12 @@ def cmd_chat(args) -> int:
     from chattune.infer import load_for_inference
 
     loaded = load_for_inference(args.model, device=args.device)
-    run_chat(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    run_chat(
+        loaded,
+        system_prompt=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
     return 0
 
 
@@ -82,15 +87,67 @@ def cmd_predict(args) -> int:
     from chattune.infer import load_for_inference, predict_file
 
     loaded = load_for_inference(args.model, device=args.device)
-    predict_file(
+    n = predict_file(
         loaded,
         args.input,
         args.output,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=args.temperature if args.temperature is not None else 0.0,
     )
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from chattune.evaluate import run_eval
+
+    run_eval(
+        args.model,
+        args.data,
+        output_dir=args.output,
+        samples=args.samples,
+        task=args.task,
+        metrics=args.metrics.split(",") if args.metrics else None,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        system_prompt=args.system,
+        converter=args.converter,
+        device=args.device,
+    )
+    return 0
+
+
+def cmd_report(args) -> int:
+    from chattune.report import write_report
+
+    html, md = write_report(args.run_dir)
+    print(f"wrote {html} and {md}", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from chattune.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    print(f"merged model written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from chattune.serve import run_server
+
+    run_server(
+        args.models,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("CHATTUNE_API_KEY"),
+        engine=args.engine,
+        device=args.device,
+        dtype=args.dtype,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+    )
     return 0
 
 
@@ -109,18 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser(
-        "demo", help="train the built-in tiny model on bundled data, offline, in about a minute"
+        "demo", help="train the built-in tiny model on bundled data, offline, in a few minutes on a CPU"
     )
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config")
     d.set_defaults(func=cmd_demo)
+
+    from chattune.datacheck import add_data_parser  # light: imports nothing heavy at module level
+
+    add_data_parser(sub)
 
     for name, helptext in [("chat", "chat with a model or adapter"), ("predict", "batch predictions")]:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("model", help="adapter folder (out/<run>/adapter) or model directory")
         c.add_argument("--device", default="auto")
         c.add_argument("--max-new-tokens", type=int, default=256)
-        c.add_argument("--temperature", type=float, default=0.0)
+        c.add_argument("--temperature", type=float, default=None, help="default: the model's own (greedy)")
+        if name == "chat":
+            c.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
         if name == "predict":
             c.add_argument(
                 "--input", required=True, help=".jsonl/.json of {messages} or {instruction, input}"
@@ -128,6 +191,44 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--output", required=True, help="output .jsonl")
             c.add_argument("--batch-size", type=int, default=8)
         c.set_defaults(func=cmd_chat if name == "chat" else cmd_predict)
+
+    e = sub.add_parser("eval", help="predictions + metrics of a model or adapter on a data file")
+    e.add_argument("model", help="adapter folder or model directory")
+    e.add_argument("--data", required=True, help="data file (.json/.jsonl), records with reference answers")
+    e.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
+    e.add_argument("--samples", type=int, default=None, help="evaluate only the first N records")
+    e.add_argument("--task", choices=["generation", "classification"], default="generation")
+    e.add_argument("--metrics", default=None, help="comma-separated metric names (default: per task)")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    e.add_argument("--converter", default=None, help="convert a tutorial's raw records first")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
+    r.add_argument("run_dir", help="a training run's output directory")
+    r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model: one standalone model directory")
+    m.add_argument("adapter", help="adapter folder (out/<run>/adapter)")
+    m.add_argument("--output", required=True, help="new directory for the merged model")
+    m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    m.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
+    s.add_argument("models", nargs="+", help="adapter folders or model directories, served by name")
+    s.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 opens it to the network")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or CHATTUNE_API_KEY)"
+    )
+    s.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
