@@ -39,7 +39,12 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import seed_recipe  # noqa: E402
 
 from chattune.attention import pick_attn_implementation, register_attention  # noqa: E402
-from chattune.loss import activation_bytes_per_token, checkpointing_needed, lm_loss_sum  # noqa: E402
+from chattune.loss import (  # noqa: E402
+    activation_bytes_per_token,
+    add_target_index,
+    checkpointing_needed,
+    lm_loss_sum,
+)
 from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, as in the seed recipe's MFU
@@ -246,7 +251,7 @@ def run_chattune(
     def train_step(step: int) -> torch.Tensor:
         cpu_micro = packs[step * accumulate : (step + 1) * accumulate]
         counts = [count_label_tokens(m) for m in cpu_micro]  # from host copies: no GPU sync
-        micro = [to_device(m) for m in cpu_micro]
+        micro = [to_device(add_target_index(m)) for m in cpu_micro]
         for m in micro:
             with autocast, disable_input_dtype_casting(model):
                 loss_sum, _ = lm_loss_sum(model, m, chunk_rows)

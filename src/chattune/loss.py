@@ -101,21 +101,33 @@ def _chunked_head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.T
     return total
 
 
+def add_target_index(batch: dict) -> dict:
+    """`batch` plus `target_index`: the flat (B * (T-1)) positions whose next label is a target.
+
+    Computed where the labels are, on the host, before the batch goes to the GPU, so that
+    `lm_loss_sum` never waits on the device to learn how many rows the head will see.
+    """
+    targets = batch["labels"][:, 1:].reshape(-1)
+    return {**batch, "target_index": (targets != IGNORE_INDEX).nonzero().squeeze(1)}
+
+
 def lm_loss_sum(model: nn.Module, batch: dict, chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token cross-entropy over targeted positions as a 0-d fp32 tensor, their count).
 
-    `batch` is a collate_packed/collate_padded dict (already on the model's device); every key
-    but `labels` goes to the backbone, with `use_cache=False` (packing needs it). `inputs_embeds`
+    `batch` is a collate_packed/collate_padded dict (already on the model's device), optionally with
+    `target_index` from `add_target_index`; every key but those two goes to the backbone, with `use_cache=False` (packing needs it). `inputs_embeds`
     may replace `input_ids`. Works for plain and peft-wrapped transformers causal LMs, tied or
     untied heads. The trainer calls `(loss_sum / step_label_tokens).backward()`.
     """
     hf, backbone, head = _unwrap(model)
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     # Position t predicts label t+1; keep only positions whose next label is a target.
     targets = labels[:, 1:].reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync: the count is needed anyway
+    keep = batch.get("target_index")
+    if keep is None:  # found on the device: a host sync, since the count sizes the tensors below
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(keep.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph, so backward still runs

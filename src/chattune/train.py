@@ -9,6 +9,7 @@ file leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -120,8 +121,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     from transformers import get_scheduler
 
     from chattune.attention import pick_attn_implementation, register_attention
-    from chattune.loss import lm_loss_sum
-    from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, collate_padded
+    from chattune.loss import add_target_index, lm_loss_sum
+    from chattune.packing import build_batches, collate_packed, collate_padded
 
     torch.manual_seed(tc.seed)
     device = pick_device(tc.device)
@@ -132,14 +133,27 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
     model.config.use_cache = False  # a KV cache would let packed documents see each other
     model = add_lora(model, cfg.lora)
+    # The largest micro-batch in tokens: what activation memory scales with.
+    micro_tokens = tc.pack_tokens if tc.packing else tc.micro_batch_size * dc.max_len
     use_ckpt = tc.checkpointing == "on" or (
-        tc.checkpointing == "auto" and device == "cuda" and _memory_tight(model)
+        tc.checkpointing == "auto" and device == "cuda" and _memory_tight(model, micro_tokens)
     )
     if use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    # Regional compilation: one decoder layer's code, reused by every layer. Not under checkpointing:
+    # non-reentrant checkpoints around compiled layers failed to recompute identically on an H100.
+    use_compile = tc.compile == "on" or (tc.compile == "auto" and device == "cuda" and not use_ckpt)
+    if use_compile:
+        for layer in _decoder_layers(model):
+            layer.compile(dynamic=True)
+    # Half-precision base weights with fp32 LoRA weights (peft's default): autocast runs the LoRA
+    # matmuls in bf16 too, and peft's own input casting (an extra copy per LoRA layer) is turned off.
+    compute_dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+    half = device == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    n_matmul = _matmul_params(model)
 
     # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
     lengths = [len(e["input_ids"]) for e in train_ex]
@@ -159,10 +173,26 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     pad_id = tokenizer.pad_token_id
 
-    def collate(idx: list[int]) -> dict:
+    def collate(idx: list[int]) -> tuple[dict, int, int]:
+        """A micro-batch on the device, with its target and real-token counts taken on the host (no sync)."""
         chunk = [train_ex[i] for i in idx]
-        batch = collate_packed(chunk) if tc.packing else collate_padded(chunk, pad_id)
-        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        multiple = 8 if device == "cuda" else 1  # whole tensor-core tiles
+        batch = collate_packed(chunk) if tc.packing else collate_padded(chunk, pad_id, multiple)
+        batch = add_target_index(batch)  # on the host: the loss then needs no GPU sync
+        n_targets = int(batch["target_index"].numel())
+        n_real = sum(len(e["input_ids"]) for e in chunk)
+        on_device = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+        return on_device, n_targets, n_real
+
+    def forward_ctx() -> contextlib.AbstractContextManager:
+        if not half:
+            return contextlib.nullcontext()
+        from peft.helpers import disable_input_dtype_casting
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast("cuda", dtype=compute_dtype))
+        stack.enter_context(disable_input_dtype_casting(model))
+        return stack
 
     # ---- run directory, tracker ---------------------------------------------------------------------------
     # Everything the user gave has been checked by now: only from here on is anything written.
@@ -218,7 +248,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     _say(
         f"model: {cfg.model.name_or_path} on {device} ({next(model.parameters()).dtype}, attention {attn}, "
-        f"checkpointing {'on' if use_ckpt else 'off'}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
+        f"checkpointing {'on' if use_ckpt else 'off'}, compiled layers {'on' if use_compile else 'off'}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
         f"{total_steps} optimizer steps over {n_epochs} epoch(s)"
     )
     if start_step == 0:
@@ -249,29 +279,25 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             micro = [collate(idx) for idx in window]
             # Normalise by the labeled tokens of the whole accumulated batch, so the loss is the
             # per-token mean however the tokens were split into micro-batches or packed.
-            n_labels = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
-            loss_total = 0.0
-            for b in micro:
-                loss_sum, _ = lm_loss_sum(model, b)
+            n_labels = max(1, sum(n for _, n, _ in micro))
+            real_tokens = sum(n for _, _, n in micro)  # padding is work the GPU did for nothing
+            loss_total = torch.zeros((), device=device)  # summed on the device: one host sync a step
+            for b, _, _ in micro:
+                with forward_ctx():
+                    loss_sum, _ = lm_loss_sum(model, b)
                 (loss_sum / n_labels).backward()
-                loss_total += float(loss_sum.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+                loss_total += loss_sum.detach()
+            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             stepped = True
-            # Real tokens only: padding is work the GPU did for nothing.
-            real_tokens = sum(
-                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                for b in micro
-            )
-            if device == "cuda":
-                torch.cuda.synchronize()
+            loss_value, grad_norm = float(loss_total), float(grad_norm_t)  # the sync
             dt = time.time() - t0
             tokens_seen, train_time = tokens_seen + real_tokens, train_time + dt
             window_tokens, window_time = window_tokens + real_tokens, window_time + dt
-            window_loss.append(loss_total / n_labels)
+            window_loss.append(loss_value / n_labels)
             bar.update(1)
             if step % tc.logging_steps == 0 or step == total_steps:
                 tps = window_tokens / max(window_time, 1e-9)
@@ -284,8 +310,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                 }
                 if device == "cuda":
                     row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                if peak_tflops:
-                    row["train/mfu"] = 4 * (n_total - n_trainable) * tps / (peak_tflops * 1e12)
+                if peak_tflops:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
+                    row["train/mfu"] = 4 * n_matmul * tps / (peak_tflops * 1e12)
                 tracker.log(row, step=step)
                 bar.set_postfix(
                     loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
@@ -338,10 +364,33 @@ def _default_metrics(task: str) -> list[str]:
     return default_metrics(task)
 
 
-def _memory_tight(model) -> bool:
+def _memory_tight(model, micro_tokens: int) -> bool:
     from chattune.loss import checkpointing_needed
 
-    return checkpointing_needed(model)
+    return checkpointing_needed(model, micro_tokens)
+
+
+def _decoder_layers(model) -> list:
+    """The repeated transformer blocks (`model.model.layers` in Qwen2, Llama and ERNIE-4.5 models)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    if layers is None:
+        raise ChattuneError(
+            f"train.compile: cannot find the decoder layers of {type(hf).__name__}; set train.compile: off"
+        )
+    return list(layers)
+
+
+def _matmul_params(model) -> int:
+    """Weights that multiply every token (embeddings are a lookup; a tied head counts as the head)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in name and "lora_" not in name
+    )
+    tied = getattr(hf.config, "tie_word_embeddings", False)
+    return n + (hf.get_input_embeddings().weight.numel() if tied else 0)
 
 
 def _peak_tflops(device: str) -> float | None:
