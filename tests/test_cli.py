@@ -1,0 +1,139 @@
+"""The `chattune` command as a user meets it: one clear line and exit 2 for each mistake, nothing written;
+`--help` at once; the demo end to end (shortened)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chattune.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def good_config(tmp_path, tiny_model_dir) -> Path:
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"问题{i}", "input": "", "output": f"回答{i}"} for i in range(8)]
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model:\n  name_or_path: {tiny_model_dir}\n"
+        f"data:\n  train_path: {data}\n  max_len: 64\n"
+        f"train:\n  output_dir: {tmp_path / 'out'}\n  max_steps: 1\n  progress: false\n"
+        "eval:\n  samples: 0\n",
+        encoding="utf-8",
+    )
+    return cfg
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=1e-4", "config key 'train.lrr': unknown key"),
+        ("train.lr=fast", "config key 'train.lr': expected float"),
+        ("lora.r=0", "config key 'lora.r': must be a positive number"),
+        ("data.truncation=middle", "config key 'data.truncation'"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2_and_nothing_written(good_config, tmp_path, capsys, override, expected):
+    assert main(["train", str(good_config), override]) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_in_the_file_names_file_and_key(good_config, tmp_path, capsys):
+    good_config.write_text(good_config.read_text() + "lora:\n  rank: 8\n", encoding="utf-8")
+    assert main(["train", str(good_config)]) == 2
+    line = one_error_line(capsys)
+    assert str(good_config) in line and "'lora.rank'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_file(good_config, tmp_path, capsys):
+    assert main(["train", str(good_config), f"data.train_path={tmp_path / 'nope.json'}"]) == 2
+    line = one_error_line(capsys)
+    assert "nope.json" in line and "not found" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_data_line_names_file_and_line(good_config, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    lines = data.read_text(encoding="utf-8").splitlines()
+    lines[4] = '{"instruction": "broken", "output": '
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["train", str(good_config)]) == 2
+    line = one_error_line(capsys)
+    assert f"{data}:5" in line and "malformed JSON" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_answer_names_file_and_line(good_config, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    lines = data.read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps({"instruction": "问题", "input": "", "output": "  "}, ensure_ascii=False)
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["train", str(good_config)]) == 2
+    assert f"{data}:3" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file_and_missing_model_dir(tmp_path, good_config, capsys):
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in one_error_line(capsys)
+    assert main(["train", str(good_config), f"model.name_or_path={tmp_path / 'no-model'}"]) == 2
+    assert "no-model" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_fails_fast_offline(good_config, tmp_path, capsys, monkeypatch):
+    """No network and no cache: a clear message in seconds, not a minute of retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.monotonic()
+    assert main(["train", str(good_config), "model.name_or_path=Qwen/Qwen2.5-7B-Instruct"]) == 2
+    assert time.monotonic() - t < 15
+    line = one_error_line(capsys)
+    assert "Qwen/Qwen2.5-7B-Instruct" in line and "model.name_or_path" in line
+
+
+def test_help_is_instant():
+    t = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "chattune.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "demo" in out.stdout
+    assert time.monotonic() - t < 10  # no torch/transformers import for --help
+
+
+def test_demo_end_to_end_shortened(tmp_path, capsys):
+    """The README's main job on the built-in model, cut to a few steps: trains, saves, answers."""
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "--output-dir",
+            str(out),
+            "train.epochs=1",
+            "train.max_steps=6",
+            "train.progress=false",
+            "eval.samples=1",
+            "eval.max_new_tokens=8",
+        ]
+    )
+    assert code == 0
+    for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "report.html", "summary.json"):
+        assert (out / name).is_file(), name
+    assert "answers '你是谁？'" in capsys.readouterr().out
