@@ -181,7 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("model", help="adapter folder (out/<run>/adapter) or model directory")
         c.add_argument("--device", default="auto")
         c.add_argument("--max-new-tokens", type=int, default=256)
-        c.add_argument("--temperature", type=float, default=None, help="default: the model's own (greedy)")
+        default_t = "the model's generation_config (greedy when it does not sample)"
+        c.add_argument(
+            "--temperature",
+            type=float,
+            default=None,
+            help=f"default: {default_t if name == 'chat' else 'greedy (0)'}",
+        )
         if name == "chat":
             c.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
         if name == "predict":
