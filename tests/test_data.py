@@ -1,11 +1,13 @@
 """Data: the tutorials' record shapes become conversations; every bad row names file and line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from chattune.data import read_conversations, split_conversations, to_messages
-from chattune.errors import DataError
+from chattune.config import ColumnsConfig, DataConfig
+from chattune.data import NEWS_CLS_SYSTEM, read_conversations, read_splits, split_conversations, to_messages
+from chattune.errors import ConfigError, DataError
 
 
 def test_alpaca_user_turn_joins_instruction_and_input():
@@ -98,3 +100,159 @@ def test_split_is_deterministic():
     assert a == split_conversations(items, 0.1, seed=1)
     assert len(a[1]) == 10 and sorted(a[0] + a[1]) == items
     assert a != split_conversations(items, 0.1, seed=2)
+
+
+# -- formats, sources, mixing (issue 3) -------------------------------------------------------------------
+ASSETS = Path(__file__).parent / "assets" / "data"
+TUTORIALS = ASSETS / "tutorials"
+
+
+def data_config(**kw) -> DataConfig:
+    return DataConfig(**kw)
+
+
+def test_sharegpt_system_and_column_mapping():
+    rec = {"system": "S", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert [m["role"] for m in to_messages(rec)] == ["system", "user", "assistant"]
+    cols = ColumnsConfig(prompt="question", query="context", response="answer", system="persona")
+    rec = {"question": "翻译", "context": "hello", "answer": "你好", "persona": "P"}
+    assert to_messages(rec, columns=cols) == [
+        {"role": "system", "content": "P"},
+        {"role": "user", "content": "翻译\nhello"},
+        {"role": "assistant", "content": "你好"},
+    ]
+    chat = {"dialog": [{"speaker": "user", "text": "hi"}, {"speaker": "assistant", "text": "yo"}]}
+    cols = ColumnsConfig(messages="dialog", role="speaker", content="text")
+    assert to_messages(chat, columns=cols)[1] == {"role": "assistant", "content": "yo"}
+
+
+def test_csv_parquet_and_saved_dataset_read_the_same_records(tmp_path):
+    import datasets
+
+    cols = ColumnsConfig(prompt="question", query="context", response="answer", system="persona")
+    convs, report = read_conversations(ASSETS / "columns.csv", columns=cols)
+    assert report.rows == 3 and [c.where.rsplit(":", 1)[1] for c in convs] == ["2", "3", "5"]
+    assert convs[1].messages[0]["content"] == "把下面的话翻译成英文\n你好，\n世界"  # a quoted multi-line cell
+    records = [{"instruction": "q1", "input": "", "output": "a1"}, {"instruction": "q2", "output": "a2"}]
+    ds = datasets.Dataset.from_list(records)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    want = [to_messages(r) for r in records]
+    for src in ("d.parquet", "saved", "saved_dict"):
+        convs, _ = read_conversations(tmp_path / src)
+        assert [c.messages for c in convs] == want, src
+    with pytest.raises(DataError, match="save_to_disk"):
+        read_conversations(tmp_path)  # a plain directory
+
+
+@pytest.mark.parametrize(
+    "spec", ["hf:ShengbinYue/DISC-Law-SFT", "ShengbinYue/DISC-Law-SFT", "ms:swift/zh_cls_fudan-news"]
+)
+def test_hub_dataset_ids_fail_fast_offline(spec, monkeypatch):
+    import time
+
+    import chattune.models
+
+    monkeypatch.setattr(chattune.models, "_reachable", lambda host, timeout_s=3.0: False)
+    t0 = time.time()
+    with pytest.raises(DataError, match="Download it where there is network") as e:
+        read_conversations(spec)
+    assert time.time() - t0 < 10 and "data.train_path" in str(e.value)
+
+
+def test_json_lines_named_json_and_bad_utf8_lines_skip(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_text(
+        '{"instruction": "q", "output": "a"}\n{"instruction": "q2", "output": "a2"}\n', encoding="utf-8"
+    )
+    assert len(read_conversations(p)[0]) == 2
+    convs, report = read_conversations(ASSETS / "broken" / "not_utf8.jsonl", on_bad_row="skip")
+    assert len(convs) == 2 and dict(report.skipped) == {"not valid UTF-8; re-save the file as UTF-8": 1}
+
+
+def test_converters_give_the_records_each_tutorial_trained_on():
+    """The tutorials' own conversion code, written out, against ours on samples of their raw files."""
+    law = [
+        json.loads(x) for x in (TUTORIALS / "disc_law_pair_qa.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    for rec in (
+        law
+    ):  # self-llm: {"instruction": <legal expert>, "input": input, "output": output}, instruction as system
+        assert to_messages(rec, converter="disc_law") == [
+            {"role": "system", "content": "你是一个法律专家，请根据用户的问题给出专业的回答"},
+            {"role": "user", "content": rec["input"]},
+            {"role": "assistant", "content": rec["output"]},
+        ]
+    news = [json.loads(x) for x in (TUTORIALS / "news_cls.jsonl").read_text(encoding="utf-8").splitlines()]
+    for (
+        rec
+    ) in news:  # SwanLab: input = f"文本:{context},分类选项列表:{catagory}" under the expert system prompt
+        msgs = to_messages(rec, converter="news_cls")
+        assert msgs[0]["content"] == NEWS_CLS_SYSTEM and msgs[2]["content"] == rec["output"]
+        assert msgs[1]["content"] == f"文本:{rec['text']},分类选项列表:{rec['category']}"
+    assert "['科技', '时政'" in to_messages(news[1], converter="news_cls")[1]["content"]
+    for rec in json.loads((TUTORIALS / "huanhuan.json").read_text(encoding="utf-8")):
+        # self-llm: user = instruction + input, system 「现在你要扮演皇帝身边的女人--甄嬛」
+        assert to_messages(rec, converter="huanhuan") == [
+            {"role": "system", "content": "现在你要扮演皇帝身边的女人--甄嬛"},
+            {"role": "user", "content": rec["instruction"] + rec["input"]},
+            {"role": "assistant", "content": rec["output"]},
+        ]
+    ident = json.loads((TUTORIALS / "identity.json").read_text(encoding="utf-8"))
+    msgs = to_messages(ident[0], converter="identity", placeholders={"name": "小智", "author": "甄嬛团队"})
+    assert msgs[-1]["content"] == ident[0]["output"].replace("{{name}}", "小智").replace(
+        "{{author}}", "甄嬛团队"
+    )
+    assert "{{" not in msgs[-1]["content"]
+    with pytest.raises(ConfigError, match="data.identity_name"):
+        data_config(train_path="x.json", converter="identity")
+
+
+def test_mixing_sampling_dedup_and_split_are_deterministic(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"instruction": f"a{i}", "output": "x"}) + "\n" for i in range(20)))
+    b.write_text("".join(json.dumps({"instruction": f"b{i % 5}", "output": "y"}) + "\n" for i in range(10)))
+    dc = data_config(train_path=[str(a), str(b)], train_samples=[8, 30], eval_ratio=0.1, dedup=True)
+    train, held, report, eval_report = read_splits(dc, seed=3)
+    assert (train, held) == read_splits(dc, seed=3)[:2]
+    assert report.duplicates == report.dropped_duplicates == 5 and eval_report is None
+    assert len(held) == 2 + 1  # 10% of each source (at least one)
+    from_a = [c for c in train if c.messages[0]["content"].startswith("a")]
+    from_b = [c for c in train if c.messages[0]["content"].startswith("b")]
+    assert len(from_a) == 8 and len(from_b) == 30  # b: 4 left after dedup and split, repeated to 30
+    held_keys = {c.messages[0]["content"] for c in held}
+    assert not held_keys & {c.messages[0]["content"] for c in train}  # no up-sampled copy leaks into eval
+    assert [s["train"] for s in report.sources] == [8, 30]
+    # By file: eval from its own source; its conversations that also occur in training are counted.
+    dc = data_config(train_path=str(a), eval_path=str(a))
+    train, held, _, eval_report = read_splits(dc, seed=0)
+    assert len(held) == 20 and eval_report.duplicates == 20
+    with pytest.raises(ConfigError, match="data.train_samples"):
+        data_config(train_path=[str(a), str(b)], train_samples=[3])
+
+
+def test_config_keys_round_trip_through_yaml():
+    import yaml
+
+    from chattune.config import Config, config_from_dict, dump_config
+
+    cfg = config_from_dict(
+        {
+            "data": {
+                "train_path": ["a.json", "hf:x/y"],
+                "train_samples": [100, None],
+                "converter": ["identity", None],
+                "identity_name": "小智",
+                "identity_author": "我",
+                "columns": {"prompt": "question"},
+                "truncation": "cut_prompt",
+                "dedup": True,
+            },
+            "model": {"chat_template": "ernie-4.5"},
+        }
+    )
+    assert isinstance(cfg, Config) and cfg.data.columns.prompt == "question"
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+    with pytest.raises(ConfigError, match="data.columns.promt"):
+        config_from_dict({"data": {"columns": {"promt": "q"}}})

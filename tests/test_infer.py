@@ -338,3 +338,94 @@ def test_chat_streams_the_real_answer(loaded):
     want = generate(loaded, [[{"role": "user", "content": "你好"}]], max_new_tokens=5)[0]
     assert history[-1] == {"role": "assistant", "content": want}
     assert f"{want}\n" in out.getvalue()
+
+
+def test_predict_command(adapter_dir, loaded, tmp_path, capsys):
+    """`chattune predict` through the CLI: the same answers as `generate` (the server's code path)."""
+    from chattune.cli import main
+    from chattune.infer import generate
+
+    src = tmp_path / "in.jsonl"
+    records = [
+        {"instruction": "Translate", "input": "你好", "output": "hello"},
+        {"messages": [{"role": "user", "content": "What is 2+2?"}]},
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}]},
+    ]
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    out = tmp_path / "pred.jsonl"
+    argv = ["predict", str(adapter_dir), "--input", str(src), "--output", str(out), "--device", "cpu"]
+    assert main([*argv, "--batch-size", "2", "--max-new-tokens", "5"]) == 0
+    assert "wrote 3 predictions" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    conversations = [
+        [{"role": "user", "content": "Translate\n你好"}],
+        records[1]["messages"],
+        records[2]["messages"],
+    ]
+    assert [r["prediction"] for r in rows] == generate(loaded, conversations, max_new_tokens=5)
+    assert [r["reference"] for r in rows] == ["hello", None, None]
+
+    src.write_text('{"instruction": "ok"}\n{not json\n', encoding="utf-8")
+    assert main([*argv, "--max-new-tokens", "2"]) == 2  # one readable line naming file and line
+    err = capsys.readouterr().err
+    assert "in.jsonl:2" in err and "Traceback" not in err
+
+
+def test_chat_command_with_piped_stdin(adapter_dir, loaded):
+    """`chattune chat` as a user runs it (a subprocess reading stdin): commands, streaming, system prompt."""
+    import os
+    import subprocess
+    import sys
+
+    from chattune.infer import generate
+
+    lines = ["你好", "/system Be brief.", "second", "/reset", "third", "/exit", "never"]
+    cmd = [sys.executable, "-m", "chattune.cli", "chat", str(adapter_dir), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(
+        [*cmd, "--max-new-tokens", "4"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    brief = {"role": "system", "content": "Be brief."}
+    first = [{"role": "user", "content": "你好"}]  # the adapter's stored system prompt applies
+    a1 = generate(loaded, [first], max_new_tokens=4)[0]
+    second = [brief, *first, {"role": "assistant", "content": a1}, {"role": "user", "content": "second"}]
+    a2 = generate(loaded, [second], max_new_tokens=4)[0]
+    a3 = generate(loaded, [[brief, {"role": "user", "content": "third"}]], max_new_tokens=4)[0]
+    out = done.stdout
+    expected_in_order = [
+        f"(system prompt: {SYSTEM})",
+        f">>> {a1}\n",
+        "(system prompt: Be brief.)",
+        f">>> {a2}\n",
+        "(conversation cleared)",
+        f">>> {a3}\n",
+    ]
+    at = 0
+    for piece in expected_in_order:
+        found = out.find(piece, at)
+        assert found >= 0, f"{piece!r} missing after position {at} of:\n{out}"
+        at = found + len(piece)
+    assert out.count(">>> ") == 6  # /exit ended the session: "never" was not read
+
+
+def test_chat_writes_to_the_current_stdout(loaded, monkeypatch):
+    """Output goes to sys.stdout as it is when chat runs (redirected by a caller), not as it was at import."""
+    import contextlib
+    import io
+
+    import chattune.chat
+    from chattune.chat import run_chat
+
+    monkeypatch.setattr(chattune.chat, "stream", lambda loaded, messages, **kw: iter(["streamed"]))
+    read, _ = _feed(["hi"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        run_chat(loaded, input_fn=read)
+    assert "streamed\n" in buf.getvalue()

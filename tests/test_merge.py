@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_infer import SYSTEM, make_adapter_dir
+from test_infer import LORA_TARGETS, SYSTEM, make_adapter_dir
 
 from chattune.errors import ChattuneError
 
@@ -127,31 +127,113 @@ def test_merged_dir_answers_like_the_adapter(merged_case):
     assert generate(m, question, max_new_tokens=8) == generate(a, question, max_new_tokens=8)
 
 
-def test_trained_lm_head_on_a_tied_model_is_untied(tiny_model_dir, qwen_tokenizer, tmp_path):
-    """modules_to_save=["lm_head"] on Qwen2.5-0.5B-style tied embeddings: the merged model keeps both."""
+def _randomize(peft_model) -> None:
+    """Non-zero LoRA B (peft starts it, or A for embeddings, at zero) and a changed modules_to_save copy:
+    the adapter matters."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if any(k in name for k in ("modules_to_save", "lora_B", "lora_embedding_")):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),  # a trained copy of lm_head
+        dict(target_modules=["q_proj", "lm_head"]),  # LoRA on the tied output matrix itself
+        dict(target_modules=["q_proj", "embed_tokens"]),  # LoRA on the tied input matrix
+    ],
+    ids=["modules_to_save", "lora_lm_head", "lora_embed_tokens"],
+)
+def test_trained_embeddings_on_a_tied_model_are_untied(lora, tiny_model_dir, qwen_tokenizer, tmp_path):
+    """Qwen2.5-0.5B/1.5B tie lm_head to embed_tokens: an adapter that trains either must not leak into
+    the other through the shared matrix when merged, and the merged model keeps both."""
     from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from chattune.merge import merge_adapter
 
     adapter = make_adapter_dir(tiny_model_dir, tmp_path / "run" / "adapter", qwen_tokenizer)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "modules_to_save" in name or "lora_B" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, **lora))
+    _randomize(model)
     model.save_pretrained(adapter)  # overwrite the adapter weights and config, keep the rest of the folder
     merged = merge_adapter(adapter, tmp_path / "merged")
 
     reloaded = AutoModelForCausalLM.from_pretrained(merged).eval()
     assert reloaded.config.tie_word_embeddings is False
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(f.keys())
     inputs = _inputs(qwen_tokenizer)
     with torch.no_grad():
         got = reloaded(**inputs).logits
-    assert torch.allclose(got, _adapter_logits(tiny_model_dir, adapter, inputs), atol=1e-5)
+    want = _adapter_logits(tiny_model_dir, adapter, inputs)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_tied_model_stays_tied_and_stored_once(merged_case):
+    from safetensors import safe_open
+
+    _, _, merged = merged_case(True)
+    with safe_open(merged / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+
+
+def _greedy(model, inputs, k: int, **kw) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=k, do_sample=False, **kw)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_merge_command_output_loads_plainly_and_stops_at_end_of_turn(
+    tiny_model_dir, qwen_tokenizer, tmp_path, capsys
+):
+    """`chattune merge`, then the tutorials' plain transformers code: generation ends at <|im_end|>
+    because the merged generation_config.json says so, not because the caller passed eos ids."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chattune.cli import main
+
+    im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    inputs = _inputs(qwen_tokenizer)
+    adapter = make_adapter_dir(tiny_model_dir, tmp_path / "run" / "adapter", qwen_tokenizer)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=["lm_head"]),
+    ).eval()
+    _randomize(model)
+    # A random model never ends its turn; train it to (in effect): <|im_end|> gets a slightly larger logit
+    # than the token it would otherwise pick third, so the answer is two tokens and then the end of turn.
+    third = _greedy(model, inputs, 3, eos_token_id=None)[2]
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    with torch.no_grad():
+        head[im_end] = head[third] * 1.05
+    free = _greedy(model, inputs, 8, eos_token_id=None)  # what it generates when nothing stops it
+    k = free.index(im_end)
+    assert k >= 1 and len(free) == 8  # a non-empty answer, then more tokens unless generation stops
+    model.save_pretrained(adapter)
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter), "--output", str(out), "--dtype", "float32"]) == 0
+    assert str(out) in capsys.readouterr().err
+
+    tok = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你好, merge me"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    plain = tok([text], return_tensors="pt")
+    assert _greedy(merged, plain, 8, eos_token_id=None) == free  # merged == adapter, token for token
+    got = _greedy(merged, plain, 8)  # only the merged generation_config.json decides where to stop
+    assert got == free[: k + 1] and got[-1] == im_end
+    assert tok.decode(got, skip_special_tokens=True) == tok.decode(free[:k])
+
+    assert main(["merge", str(adapter), "--output", str(out)]) == 2  # a one-line error, not a traceback
+    err = capsys.readouterr().err
+    assert "not empty" in err and "Traceback" not in err
 
 
 def test_refuses_to_overwrite(merged_case, tiny_model_dir, tmp_path):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import typing
+
 import pytest
 
-from chattune.errors import ChattuneError
+from chattune.config import config_from_dict
+from chattune.errors import ChattuneError, ConfigError
 from chattune.metrics import (
     CHAR_METRICS,
     GENERATION_METRICS,
     METRIC_NAMES,
+    MetricName,
     compute_metrics,
     default_metrics,
+    resolve_metrics,
 )
 
 TEXT_METRICS = GENERATION_METRICS + CHAR_METRICS
@@ -50,6 +56,29 @@ def test_word_level_with_repeated_words_and_smoothing() -> None:
     assert scores["bleu4"] == pytest.approx(100 * (1 / 48) ** 0.25)
 
 
+def test_word_order_rouge_l_and_smoothing_of_several_orders() -> None:
+    # pred DCBA vs ref ABCD, casefolded to dcba / abcd, scored per character.
+    # unigrams: all 4 shared -> ROUGE-1 F1 1; bigrams dc cb ba vs ab bc cd: none -> ROUGE-2 0
+    # LCS: one character (order reversed) -> P 1/4, R 1/4 -> ROUGE-L 1/4
+    # BLEU: p1 4/4; p2, p3, p4 have no match: exp smoothing gives the k-th such order 1 / (2^k * total)
+    #       -> p2 1/(2*3), p3 1/(4*2), p4 1/(8*1) -> (1 * 1/6 * 1/8 * 1/8) ** (1/4) = (1/384) ** 0.25, BP 1
+    scores = compute_metrics(["DCBA"], ["ABCD"], CHAR_METRICS)
+    assert scores["rouge1_char"] == pytest.approx(100.0)
+    assert scores["rouge2_char"] == pytest.approx(0.0)
+    assert scores["rougeL_char"] == pytest.approx(25.0)
+    assert scores["bleu4_char"] == pytest.approx(100 * (1 / 384) ** 0.25)
+
+
+def test_brevity_penalty() -> None:
+    # pred abcd is the first half of ref abcdefgh: every n-gram precision is 1 (4/4, 3/3, 2/2, 1/1),
+    # BP = exp(1 - ref_len / pred_len) = exp(1 - 8/4) = e^-1 -> BLEU 100/e = 36.79
+    # ROUGE-1 and ROUGE-L: P 1, R 4/8 -> F1 2/3
+    scores = compute_metrics(["abcd"], ["abcdefgh"], ["bleu4_char", "rouge1_char", "rougeL_char"])
+    assert scores["bleu4_char"] == pytest.approx(100 * math.exp(-1))
+    assert scores["rouge1_char"] == pytest.approx(100 * 2 / 3)
+    assert scores["rougeL_char"] == pytest.approx(100 * 2 / 3)
+
+
 def test_chinese_is_scored_on_jieba_words_not_characters() -> None:
     # words: 我 爱 北京 vs 我 爱 北京 天安门 -> P 1, R 3/4, F1 6/7
     # chars: 4 chars vs 7 chars, all 4 shared -> P 1, R 4/7, F1 8/11
@@ -61,7 +90,8 @@ def test_chinese_is_scored_on_jieba_words_not_characters() -> None:
 def test_bleu_is_corpus_level_and_rouge_is_averaged() -> None:
     # Example 1 identical (8 chars), example 2 shares nothing (3 chars each).
     # Corpus counts: 1-grams 8/11, 2-grams 7/9, 3-grams 6/7, 4-grams 5/5; lengths 11 = 11 -> BP 1.
-    # BLEU = (8/11 * 7/9 * 6/7 * 1) ** (1/4) = (48/99) ** 0.25; an average of sentence BLEUs would be 50.
+    # BLEU = (8/11 * 7/9 * 6/7 * 1) ** (1/4) = (48/99) ** 0.25 = 83.4; averaging sentence BLEUs would
+    # give 50 (100 and 0: sacrebleu scores 0 when no unigram matches, whatever the smoothing).
     preds, refs = ["abcdefgh", "xyz"], ["abcdefgh", "uvw"]
     scores = compute_metrics(preds, refs, ["bleu4_char", "rouge1_char"])
     assert scores["bleu4_char"] == pytest.approx(100 * (48 / 99) ** 0.25)
@@ -99,6 +129,22 @@ def test_label_matching_earliest_then_longest_and_case() -> None:
         "是负面的",  # 负 and 负面 both start at 1; the longer wins -> 负面
     ]
     assert compute_metrics(preds, refs, ["accuracy"]) == {"accuracy": 100.0}
+
+
+def test_resolve_metrics() -> None:
+    assert resolve_metrics("classification", None) == ["accuracy", "macro_f1"]
+    assert resolve_metrics("generation", []) == TEXT_METRICS
+    assert resolve_metrics("classification", ["rougeL", " accuracy", "rougeL"]) == ["rougeL", "accuracy"]
+    with pytest.raises(ChattuneError, match="unknown metric.*bleu5"):
+        resolve_metrics("generation", ["bleu5"])
+    with pytest.raises(ChattuneError, match="unknown eval task 'qa'"):
+        resolve_metrics("qa", ["bleu4"])
+    # The config accepts exactly these names: a typo in eval.metrics fails when the config loads.
+    assert list(typing.get_args(MetricName)) == METRIC_NAMES
+    with pytest.raises(
+        ConfigError, match=r"config key 'eval.metrics\[1\]': expected one of 'bleu4'.*got 'bleu'"
+    ):
+        config_from_dict({"eval": {"metrics": ["rougeL", "bleu"]}})
 
 
 def test_default_metrics_are_known_names() -> None:

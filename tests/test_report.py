@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -170,3 +174,126 @@ def test_stale_images_removed(run_dir: Path) -> None:
 def test_missing_run_dir(tmp_path: Path) -> None:
     with pytest.raises(ChattuneError, match="not a run directory"):
         write_report(tmp_path / "nope")
+
+
+class _Structure(HTMLParser):
+    """What a browser builds from the page: headings in order, tables as rows of cells, images, and
+    whether every element that was opened was closed in order (a stray tag would swallow what follows)."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+        self.mismatched: list[str] = []
+        self.headings: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self.images: list[str] = []
+        self._text: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag in self.VOID:
+            return
+        self.open.append(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("h2", "td", "th"):
+            self._text = []
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open.pop() != tag:
+            self.mismatched.append(tag)
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append("".join(self._text or []))
+            self._text = None
+        elif tag == "h2":
+            self.headings.append("".join(self._text or []))
+            self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+
+def _structure(page: str) -> _Structure:
+    parser = _Structure()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def test_page_structure_without_a_browser(run_dir: Path) -> None:
+    page = write_report(run_dir)[0].read_text(encoding="utf-8")
+    doc = _structure(page)
+    assert doc.mismatched == [] and doc.open == []
+    assert doc.headings == ["Config", "Curves", "Metrics", "Predictions", "Run facts", "Notes"]
+    assert len(doc.images) == 4 and all(src.startswith("data:image/png;base64,") for src in doc.images)
+    metrics, predictions, facts = doc.tables
+    for table in doc.tables:  # every row has a cell under every header
+        assert {len(row) for row in table} == {len(table[0])}
+    assert [row[0] for row in metrics] == [
+        "evaluation",
+        "baseline",
+        "epoch 1",
+        "epoch 2",
+        "epoch 2 − baseline",
+    ]
+    # Before/after answers side by side, with the user's markup shown as text, not run.
+    assert predictions[0] == ["prompt", "baseline answer", "final answer (epoch 2)", "reference"]
+    assert predictions[2] == [
+        "<script>alert('x')</script> 今天天气如何？",
+        "抱歉 <b>不知道</b>",
+        "回皇上，今日天朗气清。",
+        "参考答案：如何？",
+    ]
+    facts = dict(facts[1:])
+    assert facts["wall time"] == "1h 02m 03s (3,723.5 s)" and facts["tokens/s"] == "987.6"
+    assert facts["peak memory (GiB)"] == "1.45" and facts["hardware"] == "NVIDIA H100 80GB HBM3 x1"
+
+
+def test_untagged_metrics_rows_are_named_from_the_run(tmp_path: Path) -> None:
+    # metrics.jsonl written before tags were kept there (tag: null): names come from summary.json.
+    _write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [
+            {"step": 0, "tag": None, "eval/loss": 3.0},
+            {"step": 5, "train/loss": 2.0},
+            {"step": 5, "tag": None, "eval/loss": 2.0},
+        ],
+    )
+    evaluations = [{"step": 0, "tag": "baseline", "eval/loss": 3.0}, {"step": 5, "tag": "epoch 1"}]
+    (tmp_path / "summary.json").write_text(json.dumps({"evaluations": evaluations}), encoding="utf-8")
+    doc = _structure(write_report(tmp_path)[0].read_text(encoding="utf-8"))
+    metrics, facts = doc.tables  # no predictions table: none were made
+    assert metrics[1:] == [["baseline", "0", NOT_RECORDED, "3"], ["epoch 1", "5", NOT_RECORDED, "2"],
+                           ["epoch 1 − baseline", "", "", "-1"]]  # fmt: skip
+    assert "evaluations" not in dict(facts[1:])  # shown once, in the metrics table
+
+
+SCREENSHOT = Path(__file__).resolve().parents[1] / "tools" / "screenshot_report.sh"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (apt-get install chromium)")
+def test_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    """The page as a real browser draws it: the inlined curve images decode and show their lines."""
+    from matplotlib.image import imread
+
+    html_path, _ = write_report(run_dir)
+    png = tmp_path / "shot.png"
+    env = {**os.environ, "SCREENSHOT_NO_INSTALL": "1"}
+    proc = subprocess.run(
+        ["bash", str(SCREENSHOT), str(html_path), str(png), "1280,2400"],
+        capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    pixels = (imread(png)[..., :3] * 255).round()
+    assert pixels.shape[:2] == (2400, 1280)
+    # matplotlib's first line colour (#1f77b4) appears only inside the four plotted curves: ~900 pixels
+    # here, 0 when the inlined images do not decode (checked by corrupting their base64).
+    line = (abs(pixels - [31, 119, 180]).max(axis=-1) <= 8).sum()
+    assert line > 4 * 100
+    assert (pixels < 128).all(axis=-1).sum() > 2000  # text was drawn, not a blank page

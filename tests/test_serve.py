@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import shutil
 import socket
+import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +150,18 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, client, l
     status, body = _post(url, b'{"model": "x", "messages": [')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = _post(url, b'["not", "an", "object"]')
+    assert status == 400 and "JSON object" in body["error"]["message"]
+    status, body = _post(
+        url, json.dumps({"model": loaded.name, "messages": HELLO, "max_tokens": "x"}).encode()
+    )
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    # Features it cannot honour are refused rather than silently dropped from the answer.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=2, tools=tools)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=2, logprobs=True)
 
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=2)
@@ -169,18 +186,62 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, client, l
     assert r.choices[0].message.content == _expected(loaded, HELLO, 2)  # still serving, still right
 
 
-def test_fifty_concurrent_requests_all_complete(client, loaded):
+def test_fifty_concurrent_requests_all_complete(client, loaded, monkeypatch):
+    import chattune.serve
+
+    batches: list[int] = []  # conversations per generate call (the worker thread calls it)
+    real = chattune.serve.generate_completions
+
+    def counting(loaded, conversations, **kw):
+        batches.append(len(conversations))
+        return real(loaded, conversations, **kw)
+
+    monkeypatch.setattr(chattune.serve, "generate_completions", counting)
     questions = [[{"role": "user", "content": f"Question number {i}: {'why ' * i}?"}] for i in range(5)]
     want = [_expected(loaded, q, 4) for q in questions]
 
     def ask(i: int) -> str:
-        r = client.chat.completions.create(model=loaded.name, messages=questions[i % 5], max_tokens=4)
-        return r.choices[0].message.content
+        kw = dict(model=loaded.name, messages=questions[i % 5], max_tokens=4)
+        if i % 5 == 4:  # streams interleaved with plain requests
+            return "".join(
+                c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+            )
+        return client.chat.completions.create(**kw).choices[0].message.content
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
         answers = list(pool.map(ask, range(50), timeout=120))
-    # Requests were batched together by the worker, and batching does not change greedy answers.
+    # Batching (up to --max-batch) and queueing do not change greedy answers.
     assert answers == [want[i % 5] for i in range(50)]
+    # 40 plain requests went through generate in shared calls, never more than --max-batch at once
+    # (seen here: 9-11 calls of 1-8); the 10 streams ran one by one.
+    assert sum(batches) == 40 and 1 < max(batches) <= 8
+
+
+def test_client_leaving_a_stream_stops_its_generation(client, loaded, monkeypatch):
+    """A client that closes a long stream must not keep the single worker generating for nobody."""
+    generated: list[int] = []
+    real = loaded.model.generate
+
+    def recording(**kw):
+        out = real(**kw)
+        generated.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(loaded.model, "generate", recording)
+    stream = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=450, stream=True)
+    pieces = 0
+    for chunk in stream:
+        pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+        if pieces == 2:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while not generated:
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        time.sleep(0.02)
+    assert generated[0] < 450  # stopped at the next token (~0.1 s here), not after all 450 (~1.3 s)
+    r = client.chat.completions.create(model=loaded.name, messages=HELLO, max_tokens=2)
+    assert r.choices[0].message.content == _expected(loaded, HELLO, 2)  # and the worker serves again
 
 
 def test_full_queue_answers_503(loaded):
@@ -236,16 +297,97 @@ def test_several_adapters_over_one_base(tiny_model_dir, qwen_tokenizer, tmp_path
             assert r.choices[0].message.content == want[name]
 
 
-def test_vllm_engine(adapter, tiny_model_dir, tmp_path):
-    import importlib.util
-
+def test_vllm_command(adapter, tiny_model_dir, tmp_path):
     from chattune.errors import ChattuneError
-    from chattune.serve import build_vllm_command, run_server
+    from chattune.serve_vllm import build_vllm_command
 
-    if importlib.util.find_spec("vllm") is None:
-        with pytest.raises(ChattuneError, match="vllm is not installed"):
-            run_server(adapter, engine="vllm")
     cmd = build_vllm_command([adapter], "127.0.0.1", 8001)
     assert cmd[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8001"
     assert f"{adapter.parent.name}={adapter}" in cmd and "--enable-lora" in cmd
-    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and "--chat-template" not in cmd
+
+    # vLLM's default --max-lora-rank (16) refuses the tutorials' r=64: the limit follows the adapter.
+    def with_rank(r: int, **extra) -> Path:
+        copy = tmp_path / f"r{r}-{len(extra)}" / "adapter"
+        shutil.copytree(adapter, copy)
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**cfg, "r": r, **extra}))
+        return copy
+
+    def rank_limit(cmd: list[str]) -> str:
+        return cmd[cmd.index("--max-lora-rank") + 1]
+
+    assert rank_limit(build_vllm_command([with_rank(64)], "127.0.0.1", 8001)) == "64"
+    assert rank_limit(build_vllm_command([with_rank(100)], "127.0.0.1", 8001)) == "128"
+    larger = with_rank(16, rank_pattern={"q_proj": 64})  # some modules with a larger rank
+    both = build_vllm_command([adapter, larger], "127.0.0.1", 8001, chat_template="t.jinja")
+    assert rank_limit(both) == "64" and both[both.index("--max-loras") + 1] == "2"
+    assert both[both.index("--chat-template") + 1] == "t.jinja"
+    with pytest.raises(ChattuneError, match="rank 1024"):
+        build_vllm_command([with_rank(1024)], "127.0.0.1", 8001)
+
+
+TRICKY = 'He said "hi", it\'s {{ not jinja }} %} \\ 甄嬛\nline two 🙂'
+
+
+@pytest.mark.parametrize("system", [SYSTEM, TRICKY], ids=["plain", "quotes-braces-newline-emoji"])
+def test_vllm_chat_template_applies_the_stored_system_prompt(system, qwen_tokenizer):
+    """vLLM renders the template itself: the wrapped template must give exactly build_prompt's text."""
+    from chattune.serve_vllm import build_vllm_chat_template
+    from chattune.templates import build_generation_prompt
+
+    template = build_vllm_chat_template(qwen_tokenizer.chat_template, system)
+
+    def render(messages: list[dict]) -> str:
+        return qwen_tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+    assert render(HELLO) == build_generation_prompt(qwen_tokenizer, HELLO, system)
+    own = [{"role": "system", "content": "Mine."}, *HELLO]  # the request's own system prompt wins
+    assert render(own) == build_generation_prompt(qwen_tokenizer, own, system)
+    assert build_vllm_chat_template(qwen_tokenizer.chat_template, None) == qwen_tokenizer.chat_template
+
+
+def test_vllm_engine_through_the_cli(adapter, tiny_model_dir, qwen_tokenizer, tmp_path, monkeypatch, capsys):
+    """`chattune serve --engine vllm` with stand-ins for the vllm package and executable (no CUDA here):
+    what vLLM would be started with, the key kept off its command line, the template file it reads."""
+    import importlib.util
+
+    from chattune.cli import main
+    from chattune.templates import build_generation_prompt
+
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["serve", str(adapter), "--engine", "vllm"]) == 2
+        assert "vllm is not installed" in capsys.readouterr().err
+        (tmp_path / "site" / "vllm").mkdir(parents=True)
+        (tmp_path / "site" / "vllm" / "__init__.py").write_text("")
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    record = tmp_path / "vllm-call.json"
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "args = sys.argv[1:]\n"
+        "template = open(args[args.index('--chat-template') + 1], encoding='utf-8').read()\n"
+        f"json.dump(dict(args=args, template=template, key=os.environ.get('VLLM_API_KEY')), open({str(record)!r}, 'w'))\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit) as done:
+        main(["serve", str(adapter), "--engine", "vllm", "--port", "8002", "--api-key", KEY])
+    assert done.value.code == 0
+    call = json.loads(record.read_text())
+    assert call["key"] == KEY and KEY not in call["args"]
+    assert call["args"][:2] == ["serve", str(tiny_model_dir.resolve())]
+    assert (
+        f"{adapter.parent.name}={adapter}" in call["args"]
+        and call["args"][call["args"].index("--port") + 1] == "8002"
+    )
+    rendered = qwen_tokenizer.apply_chat_template(
+        HELLO, chat_template=call["template"], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == build_generation_prompt(qwen_tokenizer, HELLO, SYSTEM)
+    assert not list(Path(tempfile.gettempdir()).glob("chattune-vllm-*"))  # the template file is cleaned up

@@ -5,8 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from chattune.data import read_conversations
-from chattune.templates import IGNORE_INDEX, check_parity, render, render_all
+from chattune.data import Conversation, read_conversations, to_messages
+from chattune.errors import DataError
+from chattune.templates import (
+    IGNORE_INDEX,
+    TemplateError,
+    chat_template_path,
+    check_parity,
+    end_of_turn_token,
+    render,
+    render_all,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -80,3 +89,155 @@ def test_every_bundled_record_matches_the_template(qwen_tokenizer, path, kw):
         labeled = [i for i, lab in zip(ex["input_ids"], ex["labels"], strict=False) if lab != IGNORE_INDEX]
         want = "".join(m["content"] + "<|im_end|>" for m in conv.messages if m["role"] == "assistant")
         assert tok.decode(labeled) == want
+
+
+# -- ERNIE-4.5, truncation policies, caching, parallel rendering (issue 3) --------------------------------
+@pytest.fixture(scope="module")
+def ernie_tokenizer(qwen_tokenizer):
+    """The Qwen tokenizer with ERNIE-4.5's sentence tokens as special tokens and its template by name."""
+    import copy
+
+    tok = copy.deepcopy(qwen_tokenizer)
+    tok.add_tokens(["<|begin_of_sentence|>", "<|end_of_sentence|>"], special_tokens=True)
+    tok.chat_template = Path(chat_template_path("ernie-4.5")).read_text(encoding="utf-8")
+    return tok
+
+
+def assert_labels_are_the_answers(tok, conv, ex, eot, train_on="all_assistant"):
+    """Per trained turn, the labeled tokens decode to the answer and its end-of-turn token; a first
+    token that straddles the template's trailing space may carry that space (never more)."""
+    labels, ids = ex["labels"], ex["input_ids"]
+    runs, k = [], 0
+    while k < len(ids):
+        if labels[k] == IGNORE_INDEX:
+            k += 1
+            continue
+        j = k
+        while j < len(ids) and labels[j] != IGNORE_INDEX:
+            j += 1
+        runs.append(tok.decode(ids[k:j]))
+        k = j
+    answers = [m["content"] for m in conv.messages if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        answers = answers[-1:]
+    assert len(runs) == len(answers)
+    for run, answer in zip(runs, answers, strict=True):
+        assert run in (answer + eot, " " + answer + eot), (run, answer)
+
+
+def test_ernie_template_every_huanhuan_record(ernie_tokenizer):
+    tok = ernie_tokenizer
+    assert end_of_turn_token(tok) == "<|end_of_sentence|>"
+    convs, _ = read_conversations(REPO / "data/huanhuan/huanhuan.json", system_prompt=SYSTEM)
+    check_parity(tok, convs, sample=len(convs))
+    examples, report = render_all(tok, convs, max_len=100_000, cache=False)
+    assert report.examples == len(convs)
+    for conv, ex in zip(convs, examples, strict=True):
+        assert ex["input_ids"][0] == tok.convert_tokens_to_ids("<|begin_of_sentence|>")
+        assert_labels_are_the_answers(tok, conv, ex, "<|end_of_sentence|>")
+
+
+@pytest.mark.parametrize("tok_name", ["qwen_tokenizer", "ernie_tokenizer"])
+@pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
+def test_multi_turn_history_labels(request, tok_name, train_on):
+    tok = request.getfixturevalue(tok_name)
+    rec = {
+        "instruction": "第三问",
+        "output": "第三答",
+        "system": "S",
+        "history": [["第一问", "第一答"], ["Second question", "Second answer"]],
+    }
+    conv = Conversation(to_messages(rec), "x:1")
+    check_parity(tok, [conv], train_on=train_on)
+    (ex,), _ = render_all(tok, [conv], max_len=1000, train_on=train_on, cache=False)
+    assert (
+        ex["input_ids"]
+        == tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+    )
+    assert_labels_are_the_answers(tok, conv, ex, end_of_turn_token(tok), train_on)
+
+
+def test_template_without_a_special_end_of_turn_is_refused(qwen_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(qwen_tokenizer)
+    tok.chat_template = Path(chat_template_path("ernie-4.5")).read_text(encoding="utf-8")  # tokens not added
+    with pytest.raises(TemplateError, match="special token"):
+        end_of_turn_token(tok)
+
+
+def test_cut_prompt_keeps_system_drops_old_turns_and_cuts_question_left(qwen_tokenizer):
+    tok = qwen_tokenizer
+    msgs = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "旧问题" * 30},
+        {"role": "assistant", "content": "旧回答"},
+        {"role": "user", "content": "很长的铺垫。" * 40 + "最后的问题？"},
+        {"role": "assistant", "content": "回答。"},
+    ]
+    r = render(tok, msgs, max_len=60, truncation="cut_prompt")
+    assert r.truncated and len(r.input_ids) <= 60
+    text = tok.decode(r.input_ids)
+    assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and "旧回答" not in text
+    assert "最后的问题？<|im_end|>\n<|im_start|>assistant\n回答。<|im_end|>" in text
+    assert trained_text(tok, r) == "回答。<|im_end|>"
+    # The cut example is itself a rendering of a (shorter) conversation: exact template text.
+    long_answer = [msgs[0], msgs[3], {"role": "assistant", "content": "长" * 200}]
+    assert render(tok, long_answer, max_len=60, truncation="cut_prompt").startswith("answer longer")
+
+
+def test_bad_rows_at_render_name_file_and_line_or_are_counted(qwen_tokenizer):
+    convs, _ = read_conversations(REPO / "tests/assets/data/broken/long_prompt.jsonl")
+    with pytest.raises(DataError) as e:
+        render_all(qwen_tokenizer, convs, max_len=64, on_bad_row="error", cache=False)
+    assert e.value.line == 2 and "no answer token" in str(e.value) and "long_prompt.jsonl" in str(e.value)
+    examples, report = render_all(qwen_tokenizer, convs, max_len=64, on_bad_row="skip", cache=False)
+    assert len(examples) == 1 and sum(report.dropped.values()) == 1
+    # `truncation: drop` asks for over-long rows to go: counted, not an error.
+    _, report = render_all(
+        qwen_tokenizer, convs, max_len=64, truncation="drop", on_bad_row="error", cache=False
+    )
+    assert list(report.dropped) == ["longer than data.max_len (64 tokens)"]
+
+
+def test_cache_and_workers_give_identical_examples(qwen_tokenizer, monkeypatch, tmp_path):
+    import chattune.templates as templates
+
+    monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path))
+    convs, _ = read_conversations(
+        REPO / "data/llamafactory-alpaca_zh_demo/alpaca_zh_demo.json", max_samples=300
+    )
+    kw = dict(max_len=128, truncation="keep_end", train_on="all_assistant")
+    one, rep1 = render_all(qwen_tokenizer, convs, cache=False, workers=1, **kw)
+    two, rep2 = render_all(qwen_tokenizer, convs, cache=True, workers=2, **kw)  # 2 processes, then stored
+    assert one == two and rep1.as_dict() == rep2.as_dict() and rep1.truncated > 0
+    assert len(list((tmp_path / "tokenized").glob("*.npz"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("rendered again instead of loading the cache")
+
+    monkeypatch.setattr(templates, "render_many", boom)
+    three, rep3 = render_all(qwen_tokenizer, convs, cache=True, **kw)
+    assert three == one and rep3.as_dict() == rep1.as_dict()
+    with pytest.raises(AssertionError, match="rendered again"):  # another max_len is another key
+        render_all(qwen_tokenizer, convs, cache=True, **{**kw, "max_len": 256})
+
+
+def test_check_parity_refuses_when_the_ids_differ(qwen_tokenizer, monkeypatch):
+    import copy
+
+    tok = copy.deepcopy(qwen_tokenizer)
+    real = tok.apply_chat_template
+
+    def with_bos(messages, **kw):  # a tokenizer path that adds a token the training path does not
+        out = real(messages, **kw)
+        if kw.get("tokenize"):
+            out["input_ids"] = [tok.convert_tokens_to_ids("<|endoftext|>")] + list(out["input_ids"])
+        return out
+
+    monkeypatch.setattr(tok, "apply_chat_template", with_bos)
+    conv = Conversation(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "f.jsonl:7"
+    )
+    with pytest.raises(TemplateError, match="f.jsonl:7: rendered ids differ"):
+        check_parity(tok, [conv])

@@ -43,7 +43,7 @@ def _simulate_run(tracker) -> None:
     for i, loss in enumerate(LOSSES):
         step = 10 * (i + 1)
         tracker.log({"train/loss": loss, "train/lr": 1e-4 * (1 - i / 4), "train/epoch": step / 40}, step=step)
-    tracker.log({"eval/loss": 1.75}, step=40)
+    tracker.log({"eval/loss": 1.75, "tag": "epoch 1"}, step=40)  # the tag is for metrics.jsonl only
     tracker.log_predictions(ROWS_AFTER, step=40, tag="epoch 1")
     tracker.finish()
 
@@ -96,6 +96,7 @@ def _assert_swanlab_run(run: dict, cfg: TrackConfig) -> None:
     assert run["scalars"]["train/loss"] == [(10, 2.5), (20, 2.0), (30, 1.5), (40, 1.25)]
     assert run["scalars"]["eval/loss"] == [(40, 1.75)]
     assert [s for s, _ in run["scalars"]["train/lr"]] == [10, 20, 30, 40]
+    assert sorted(run["scalars"]) == ["eval/loss", "train/epoch", "train/loss", "train/lr"]  # no "tag"
     expected = [(0, "epoch 0", format_prediction(r)) for r in ROWS_BEFORE]
     expected += [(40, "epoch 1", format_prediction(r)) for r in ROWS_AFTER]
     assert run["media"][PREDICTION_KEY] == expected
@@ -121,14 +122,17 @@ def swanlab_env(tmp_path, monkeypatch) -> Path:
 # -- JSONL ------------------------------------------------------------------------------------------------
 def test_jsonl_files_without_a_backend(tmp_path) -> None:
     tracker = build_tracker(TrackConfig(backend="none"), tmp_path, HPARAMS)
-    tracker.log({"train/loss": float("nan"), "train/grad_norm": 3}, step=5)
+    tracker.log({"train/loss": float("nan"), "train/grad_norm": 3, "note": None}, step=5)
+    tracker.log({"tag": "step 5", "eval/loss": 2.0}, step=5)  # a label stays text
     _simulate_run(tracker)
     tracker.finish()  # twice is fine
 
     metrics = _read_jsonl(tmp_path / "metrics.jsonl")
-    assert metrics[0] == {"step": 5, "train/loss": None, "train/grad_norm": 3.0}  # strict JSON: NaN -> null
-    assert [m["train/loss"] for m in metrics[1:5]] == LOSSES
-    assert metrics[-1] == {"step": 40, "eval/loss": 1.75}
+    # strict JSON: NaN -> null
+    assert metrics.pop(0) == {"step": 5, "train/loss": None, "train/grad_norm": 3.0, "note": None}
+    assert metrics.pop(0) == {"step": 5, "tag": "step 5", "eval/loss": 2.0}
+    assert [m["train/loss"] for m in metrics[:4]] == LOSSES
+    assert metrics[-1] == {"step": 40, "eval/loss": 1.75, "tag": "epoch 1"}
     preds = _read_jsonl(tmp_path / "predictions.jsonl")
     assert len(preds) == 4
     assert preds[0] == {"step": 0, "tag": "epoch 0", **ROWS_BEFORE[0]}
@@ -340,3 +344,130 @@ def test_tensorboard_log_failure_is_contained(tmp_path, monkeypatch, caplog) -> 
     metrics = _read_jsonl(tmp_path / "metrics.jsonl")
     assert [m.get("train/loss") for m in metrics] == [*LOSSES, None]
     assert all(math.isfinite(m["step"]) for m in metrics)
+
+
+# -- end to end: a real training run, read back from SwanLab's own files ---------------------------------
+HUANHUAN = Path(__file__).resolve().parents[1] / "data" / "huanhuan" / "huanhuan.json"
+
+
+def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny_model_dir, caplog) -> None:
+    """`train.run` with `track.backend: swanlab, mode: offline`, as CI runs it (CI=true, stdin closed,
+    no key): SwanLab's record log holds the hyper-parameters, the train/loss series, the eval metrics
+    and the prediction texts at step 0 and after each epoch, equal to what metrics.jsonl and
+    predictions.jsonl say."""
+    import io
+
+    import torch
+
+    from chattune.config import config_from_dict
+    from chattune.train import file_sha256, run
+
+    monkeypatch.setenv("CI", "true")
+    closed = io.StringIO()
+    closed.close()  # any prompt would raise instead of waiting for a key
+    monkeypatch.setattr(sys, "stdin", closed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: intra-op threads only spin on a busy 2-core machine
+
+    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[:14]
+    data = tmp_path / "huanhuan.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train_path": str(data), "eval_ratio": 0.15, "system_prompt": "你是甄嬛", "max_len": 64},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {
+                "output_dir": str(run_dir),
+                "micro_batch_size": 4,
+                "grad_accum_steps": 1,
+                "epochs": 2,
+                "lr": 1e-2,
+                "logging_steps": 1,
+                "progress": False,
+                "device": "cpu",
+            },
+            "eval": {"samples": 2, "max_new_tokens": 6, "batch_size": 2},
+            "track": {
+                "backend": "swanlab",
+                "mode": "offline",
+                "project": "chattune-e2e",
+                "experiment": "huanhuan-tiny",
+                "description": "end-to-end test",
+                "tags": ["lora", "tiny"],
+            },
+        }
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="chattune.track"):
+            run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert caplog.records == []  # SwanLab started and never failed (no prompt, no fallback)
+
+    swan = _read_swanlab_run(run_dir / "swanlog")
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    preds = _read_jsonl(run_dir / "predictions.jsonl")
+    assert swan["state"] == "RUN_STATE_FINISHED"
+    start = swan["start"]
+    assert (start.project, start.name, start.description) == (
+        "chattune-e2e",
+        "huanhuan-tiny",
+        "end-to-end test",
+    )
+    assert list(start.tags) == ["lora", "tiny"]
+
+    # Hyper-parameters: the resolved config, the model, the dataset and its hash.
+    config = swan["config"]
+    assert config["train"]["lr"] == 1e-2 and config["lora"]["r"] == 4
+    assert config["model"]["name_or_path"] == str(tiny_model_dir)
+    assert config["track"]["backend"] == "swanlab"
+    assert config["dataset"]["train_path"] == str(data)
+    assert config["dataset"]["train_sha256"] == file_sha256(data)
+    assert config["params"]["trainable"] > 0
+
+    # 12 train / 2 eval records, micro-batch 4 -> 3 optimizer steps per epoch, logged at every step.
+    train_rows = [m for m in metrics if "train/loss" in m]
+    assert [m["step"] for m in train_rows] == [1, 2, 3, 4, 5, 6]
+    for key in ["train/loss", "train/lr", "train/grad_norm", "train/epoch", "train/tokens_per_s"]:
+        assert swan["scalars"][key] == [(m["step"], pytest.approx(m[key])) for m in train_rows], key
+    assert [v for _, v in swan["scalars"]["train/epoch"]] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
+
+    # Evaluations: the baseline at step 0, then after each epoch; eval loss and the default metrics.
+    eval_steps = [0, 3, 6]
+    assert [(m["step"], m["tag"]) for m in metrics if "tag" in m] == [
+        (0, "baseline"),
+        (3, "epoch 1"),
+        (6, "epoch 2"),
+    ]
+    assert [s for s, _ in swan["scalars"]["eval/loss"]] == eval_steps
+    for key in ["eval/bleu4", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeL_char"]:
+        assert [s for s, _ in swan["scalars"][key]] == eval_steps, key
+
+    # Prediction texts in the tutorials' shape, the same in SwanLab and predictions.jsonl.
+    tags = ["baseline", "epoch 1", "epoch 2"]
+    assert [(p["step"], p["tag"]) for p in preds] == [
+        (s, t) for s, t in zip(eval_steps, tags, strict=True) for _ in range(2)
+    ]
+    assert swan["media"][PREDICTION_KEY] == [(p["step"], p["tag"], format_prediction(p)) for p in preds]
+    by_prompt = {r["instruction"]: r["output"] for r in records}
+    for p, (_, _, text) in zip(preds, swan["media"][PREDICTION_KEY], strict=True):
+        assert by_prompt[p["prompt"]] == p["reference"]  # held-out records, with their own answers
+        assert text == f"问题：{p['prompt']}\n\n模型回答：{p['prediction']}\n\n参考答案：{p['reference']}"
+
+    # The run ends with its report: curves, the metrics table baseline vs each epoch, before/after answers.
+    from test_report import _structure
+
+    doc = _structure((run_dir / "report.html").read_text(encoding="utf-8"))
+    assert len(doc.images) == 4  # train/loss, train/lr, train/grad_norm, eval/loss
+    metrics_table, predictions_table = doc.tables[:2]
+    assert [r[0] for r in metrics_table[1:]] == [*tags, "epoch 2 − baseline"]
+    assert predictions_table[0] == ["prompt", "baseline answer", "final answer (epoch 2)", "reference"]
+    first = [p for p in preds if p["prompt"] == predictions_table[1][0]]
+    assert predictions_table[1][1:] == [
+        first[0]["prediction"],
+        first[-1]["prediction"],
+        first[0]["reference"],
+    ]
+    assert (run_dir / "report.md").is_file()

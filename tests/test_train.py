@@ -136,7 +136,9 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, huanhuan_slic
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000008"]  # only the last is kept
     # What a crash right after step 8 would have left: no adapter, metrics up to step 8.
     shutil.rmtree(out / "adapter")
-    kept = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8]
+    kept = [
+        line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8
+    ]
     (out / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     with pytest.raises(Exception, match="already exists"):
         run(cfg)  # no silent overwrite without --resume

@@ -22,7 +22,7 @@ def run_chat(
     loaded: Loaded,
     *,
     input_fn: Callable[[str], str] = input,
-    output: TextIO = sys.stdout,
+    output: TextIO | None = None,
     system_prompt: str | None = None,
     max_new_tokens: int = 512,
     temperature: float | None = None,
@@ -32,8 +32,9 @@ def run_chat(
     """Chat until /exit or end of input; return the conversation as it stands then (for tests and logs).
 
     `system_prompt` defaults to the adapter's stored one; temperature/top_p to the model's
-    generation_config.json (greedy when it does not sample).
+    generation_config.json (greedy when it does not sample). `output` defaults to the current sys.stdout.
     """
+    out = output if output is not None else sys.stdout  # looked up now: stdout may have been redirected
     system = system_prompt if system_prompt is not None else loaded.system_prompt
     default_t, default_p = default_sampling(loaded)
     sampling = dict(
@@ -45,8 +46,8 @@ def run_chat(
     history: list[dict] = []
 
     def say(text: str) -> None:
-        output.write(text + "\n")
-        output.flush()
+        out.write(text + "\n")
+        out.flush()
 
     say(f"chatting with {loaded.name}. {HELP}")
     if system:
@@ -81,11 +82,11 @@ def run_chat(
         answer = ""
         try:
             for piece in stream(loaded, messages, **sampling):
-                output.write(piece)
-                output.flush()
+                out.write(piece)
+                out.flush()
                 answer += piece
         except KeyboardInterrupt:  # stop this answer (stream's cleanup stops the generation), keep chatting
-            output.write(" [stopped]")
+            out.write(" [stopped]")
         say("")
         history.append({"role": "assistant", "content": answer})
     return history

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from chattune.errors import ConfigError
+from chattune.metrics import MetricName
 
 
 @dataclass(frozen=True)
@@ -33,30 +34,99 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """`auto` picks the fastest correct kernel for the device and packing; or `sdpa`, `eager`, `flash_attention_2`."""
     chat_template: str | None = None
-    """Path to a Jinja chat template, for models whose tokenizer has none. Default: the tokenizer's own."""
+    """A named template shipped with chattune (`ernie-4.5`, `chatml`) or a path to a Jinja file, for models
+    whose tokenizer has none or a wrong one. Default: the tokenizer's own."""
+
+
+Converter = Literal["news_cls", "disc_law", "huanhuan", "identity"]
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Where the standard fields live in the user's records (LLaMA-Factory's `columns`): with
+    `data.columns.prompt: question` the instruction is read from a `question` column. Unset: standard name."""
+
+    prompt: str | None = None
+    """Column holding the instruction (alpaca `instruction`)."""
+    query: str | None = None
+    """Column holding the extra input appended to the instruction (alpaca `input`)."""
+    response: str | None = None
+    """Column holding the answer (alpaca `output`)."""
+    system: str | None = None
+    """Column holding a per-record system prompt (`system`)."""
+    history: str | None = None
+    """Column holding earlier [question, answer] pairs (alpaca `history`)."""
+    messages: str | None = None
+    """Column holding the list of turns (`messages`; ShareGPT `conversations`)."""
+    role: str | None = None
+    """Key of a turn's speaker inside that list (`role`; ShareGPT `from`)."""
+    content: str | None = None
+    """Key of a turn's text inside that list (`content`; ShareGPT `value`)."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_path: str = ""
-    """Training data: .json (array) or .jsonl of alpaca {instruction, input, output} or {messages: [...]} records."""
-    eval_path: str | None = None
-    """Held-out data; when unset, `eval_ratio` of the training file is split off (deterministic from the seed)."""
+    train_path: str | list[str] = ""
+    """Training data, one source or a list mixed in one run. A source is a .json (array) / .jsonl / .csv /
+    .parquet file of alpaca {instruction, input, output[, system, history]}, {messages: [...]} or ShareGPT
+    {conversations: [...]} records, a directory written by `datasets.save_to_disk`, or a dataset id on the
+    Hugging Face Hub (`hf:owner/name` or `owner/name`) or ModelScope (`ms:owner/name`)."""
+    train_samples: list[int | None] | None = None
+    """Records drawn from each `train_path` source, in order (seeded): N samples N records (more than the
+    source holds repeats it), null takes all. Unset: every record of every source."""
+    eval_path: str | list[str] | None = None
+    """Held-out data (same kinds of source); when unset, `eval_ratio` of the training data is split off."""
     eval_ratio: float = 0.0
+    """Fraction of the training conversations held out for evaluation (deterministic from `train.seed`)."""
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
-    converter: Literal["news_cls", "disc_law"] | None = None
-    """Convert a tutorial's raw records first: `news_cls` {text, category, output}, `disc_law` {input, output}."""
+    """Record shape; `auto` tells it per record from its fields."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Column names of the standard fields, for records that name them differently."""
+    converter: Converter | list[Converter | None] | None = None
+    """Convert a tutorial's raw records first (one for all sources, or a list aligned with `train_path`):
+    `news_cls` {text, category, output}, `disc_law` {input, output}, `huanhuan` {instruction, input, output}
+    (with their fixed system prompts), `identity` (LLaMA-Factory identity.json: fills {{name}}/{{author}})."""
+    identity_name: str | None = None
+    """The assistant's name put in place of `{{name}}` by the `identity` converter."""
+    identity_author: str | None = None
+    """The author put in place of `{{author}}` by the `identity` converter."""
     system_prompt: str | None = None
     """System prompt put first in every conversation that has none (the tutorials use a fixed one)."""
     max_len: int = 384
     """Tokens per example after rendering; longer examples follow `truncation`."""
-    truncation: Literal["keep_end", "drop"] = "keep_end"
-    """`keep_end`: cut the answer but keep its end-of-turn token labeled; `drop`: drop over-long examples."""
+    truncation: Literal["keep_end", "cut_prompt", "drop"] = "keep_end"
+    """`keep_end`: cut the answer but keep its end-of-turn token labeled; `cut_prompt`: drop the oldest
+    turns, then cut the last question from the left, keeping the system prompt; `drop`: drop the example.
+    An example left with no answer token is dropped and counted, never trained all-masked."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Which assistant turns of a multi-turn conversation are trained (labeled)."""
     max_samples: int | None = None
-    """Use only the first N training records (after reading, before splitting)."""
+    """Read only the first N rows of each training source (before sampling and splitting)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """`error`: the first bad row stops the run naming file and line; `skip`: skip and report counts."""
+    dedup: bool = False
+    """Drop conversations identical to an earlier one (they are counted either way)."""
+    cache: bool = True
+    """Cache tokenised examples under $CHATTUNE_CACHE/tokenized, keyed by tokenizer, template, `max_len`,
+    options and data, so that a second run starts at once."""
+
+    def __post_init__(self) -> None:
+        # Checks between keys of this section; types were checked when the values were read.
+        sources = self.train_path if isinstance(self.train_path, list) else [self.train_path]
+        if isinstance(self.train_path, list) and (not sources or not all(sources)):
+            raise ConfigError(
+                "data.train_path", "a list of sources must be non-empty and hold no empty entry"
+            )
+        for key, value in [("data.train_samples", self.train_samples), ("data.converter", self.converter)]:
+            if isinstance(value, list) and len(value) != len(sources):
+                raise ConfigError(key, f"has {len(value)} entries but data.train_path has {len(sources)}")
+        if any(n is not None and n <= 0 for n in self.train_samples or []):
+            raise ConfigError("data.train_samples", "each entry must be a positive number of records or null")
+        converters = self.converter if isinstance(self.converter, list) else [self.converter]
+        if "identity" in converters:
+            for key in ("identity_name", "identity_author"):
+                if not getattr(self, key):
+                    raise ConfigError(f"data.{key}", "must be set: the identity converter fills it in")
 
 
 @dataclass(frozen=True)
@@ -92,8 +162,16 @@ class TrainConfig:
     packing: bool = False
     """Pack examples into rows of `pack_tokens` tokens (documents never attend to each other)."""
     pack_tokens: int = 4096
+    """Tokens per packed micro-batch (with `packing`); the GPU's matrix units want thousands."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """`torch.compile` each decoder layer (regional compilation). `auto`: on CUDA when checkpointing is off."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (`torchrun`, `accelerate launch`, `chattune train --gpus N`): `ddp` keeps a whole
+    copy of the model in each and sums the LoRA gradients; `fsdp` shards the base weights over them (FSDP2),
+    for a model too large for one GPU. Either way an optimizer step's `grad_accum_steps` micro-batches are
+    shared out among the processes, so the global batch is the one-device batch. One process: ignored."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +179,19 @@ class EvalConfig:
     samples: int = 4
     """Held-out prompts answered before training and after every epoch (0 to turn off)."""
     samples_path: str | None = None
+    """A data file whose first `samples` records are the sample prompts; default: the eval split's first."""
     max_new_tokens: int = 64
+    """Bound on each sample answer (greedy decoding)."""
     batch_size: int = 8
+    """Rows per batch for eval loss and for generating the samples."""
     loss: bool = True
     """Compute the eval loss on the eval split at each evaluation."""
     max_eval_examples: int | None = 200
-    metrics: list[str] | None = None
-    """Metric names (bleu4, rouge1, rouge2, rougeL, *_char, accuracy, macro_f1); default per `task`."""
+    """Eval-loss examples used from the eval split (null: all)."""
+    metrics: list[MetricName] = field(default_factory=list)
+    """Metric names (bleu4, rouge1, rouge2, rougeL, *_char, accuracy, macro_f1); empty: per `task`,
+    generation -> BLEU-4 and ROUGE-1/2/L on jieba words and on characters; classification -> accuracy
+    and macro-F1 (the label-matching rule is in `metrics.compute_metrics`)."""
     task: Literal["generation", "classification"] = "generation"
 
 
@@ -119,6 +203,7 @@ class TrackConfig:
     """SwanLab mode. `auto`: cloud when an API key is configured, otherwise offline (never prompts)."""
     project: str = "chattune"
     experiment: str | None = None
+    """The run's name in SwanLab; default: SwanLab picks one."""
     description: str | None = None
     tags: list[str] = field(default_factory=list)
 
@@ -252,7 +337,12 @@ def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
             kwargs[key] = _build(tp, value, full, path)
         else:
             kwargs[key] = _coerce(value, tp, full, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section's own cross-field check: add the file it came from
+        if e.path is None and path is not None:
+            raise ConfigError(e.key, e.reason, path) from None
+        raise
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, path: str | None) -> None:
@@ -328,12 +418,17 @@ _PATH_KEYS = [
 
 def _resolve_relative(tree: dict, base: Path) -> dict:
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+
+    def resolved(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            return str((base / value).resolve())
+        return value
+
     for sec, key in _PATH_KEYS:
         section = tree.get(sec)
-        if isinstance(section, dict) and isinstance(section.get(key), str) and section[key]:
+        if isinstance(section, dict) and key in section:
             value = section[key]
-            if not Path(value).is_absolute() and (base / value).exists():
-                section[key] = str((base / value).resolve())
+            section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         value = model["name_or_path"]

@@ -2,15 +2,22 @@
 
 The same held-out prompts are answered before training (the baseline) and after every epoch,
 with batched generation through `infer.generate` — the code `chattune predict` and the server use,
-so training-time samples are formatted exactly as inference will be.
+so training-time samples are formatted exactly as inference will be. `run_eval` (`chattune eval`)
+does the same for any model or adapter on a data file, so a base model and its fine-tune can be
+compared on identical prompts, decoding and metrics.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from chattune.data import Conversation, read_conversations
+from chattune.errors import ChattuneError, DataError
 
 
 @dataclass
@@ -31,6 +38,37 @@ def build_samples(conversations: list[Conversation], n: int) -> list[Sample]:
 def read_samples(path: str | Path, n: int, **read_kw) -> list[Sample]:
     convs, _ = read_conversations(path, max_samples=n, **read_kw)
     return build_samples(convs, n)
+
+
+def read_eval_samples(
+    path: str | Path, *, limit: int | None = None, converter: str | None = None
+) -> list[Sample]:
+    """Every record of a data file (the first `limit`) as a prompt and its reference answer.
+
+    No system prompt is added here: the model's own (stored with the adapter) or `--system` applies at
+    generation, exactly as in `chattune chat` and `predict`. A record without an answer is an error
+    naming its line, since there would be nothing to score it against.
+    """
+    from chattune.data import CONVERTERS, _BadRow, read_records, to_messages
+
+    if converter is not None and converter not in CONVERTERS:
+        raise ChattuneError(f"unknown converter '{converter}': use one of {', '.join(sorted(CONVERTERS))}")
+    samples: list[Sample] = []
+    for line, rec in read_records(path):
+        if limit is not None and len(samples) >= limit:
+            break
+        try:
+            if isinstance(rec, _BadRow):
+                raise rec
+            msgs = to_messages(rec, "auto", None, converter)
+        except _BadRow as e:
+            raise DataError(
+                str(path), line, f"{e} (eval scores every record against its reference: the last answer)"
+            ) from None
+        samples += build_samples([Conversation(msgs, f"{path}:{line}")], 1)
+    if not samples:
+        raise DataError(str(path), None, "no records to evaluate")
+    return samples
 
 
 def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
@@ -56,22 +94,33 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
 
 
 def predict_samples(loaded, samples: list[Sample], *, max_new_tokens: int, batch_size: int) -> list[dict]:
-    """Answer every sample (greedy); rows of {prompt, prediction, reference}."""
+    """Answer every sample greedily, in batches; rows of {prompt, prediction, reference} in sample order.
+
+    Batches group prompts of similar length (less left padding to compute); `infer.generate` sets the
+    attention mask and pad id, and stops each row at the end-of-turn token or `max_new_tokens`.
+    """
     from chattune.infer import generate
 
-    rows = []
+    if batch_size < 1:
+        raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(samples)), key=lambda i: -sum(len(m["content"]) for m in samples[i].messages))
+    answers: dict[int, str] = {}
     model = loaded.model
     was_training = model.training
     model.eval()
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        outs = generate(loaded, [s.messages for s in chunk], max_new_tokens=max_new_tokens, temperature=0.0)
-        rows += [
-            {"prompt": s.prompt, "prediction": o, "reference": s.reference}
-            for s, o in zip(chunk, outs, strict=False)
-        ]
-    model.train(was_training)
-    return rows
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            outs = generate(
+                loaded, [samples[i].messages for i in chunk], max_new_tokens=max_new_tokens, temperature=0.0
+            )
+            answers.update(zip(chunk, outs, strict=True))
+    finally:
+        model.train(was_training)
+    return [
+        {"prompt": s.prompt, "prediction": answers[i], "reference": s.reference}
+        for i, s in enumerate(samples)
+    ]
 
 
 def score_predictions(rows: list[dict], metric_names: list[str]) -> dict[str, float]:
@@ -82,3 +131,103 @@ def score_predictions(rows: list[dict], metric_names: list[str]) -> dict[str, fl
     preds = [r["prediction"] for r in rows]
     refs = [r["reference"] for r in rows]
     return compute_metrics(preds, refs, metric_names)
+
+
+# ---- chattune eval -------------------------------------------------------------------------------------
+
+
+def run_eval(
+    model: str | Path,
+    data: str | Path,
+    *,
+    output_dir: str | Path | None = None,
+    samples: int | None = None,
+    task: str = "generation",
+    metrics: list[str] | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+    converter: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Answer every record of `data` with `model` (an adapter folder or a model directory), score the
+    answers, print a metrics table; with `output_dir`, write predictions.jsonl and metrics.json there.
+
+    Decoding is greedy and the prompts are rendered by the model's own chat template with its stored
+    system prompt (or `system_prompt`), so two models evaluated on one file differ only in their
+    weights. Returns what metrics.json holds.
+    """
+    from chattune.infer import load_for_inference, read_model_source
+    from chattune.metrics import resolve_metrics
+    from chattune.train import file_sha256
+
+    # Everything the user typed is checked before the (slow) model load.
+    names = resolve_metrics(task, metrics)
+    if samples is not None and samples < 1:
+        raise ChattuneError(f"--samples must be at least 1, got {samples}")
+    if batch_size < 1:
+        raise ChattuneError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ChattuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    eval_set = read_eval_samples(data, limit=samples, converter=converter)
+    src = read_model_source(model)
+
+    loaded = load_for_inference(model, device=device)
+    if system_prompt is not None:
+        loaded.system_prompt = system_prompt
+    t0 = time.time()
+    rows = predict_samples(loaded, eval_set, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gen_s = time.time() - t0
+    scores = score_predictions(rows, names)
+
+    result = {
+        "model": str(model),
+        "name": loaded.name,
+        "base_model": src.base_model,
+        "adapter": str(src.adapter_dir) if src.adapter_dir is not None else None,
+        "data": str(data),
+        # Two evaluations are on the same data when this matches (null for a directory or hub dataset).
+        "data_sha256": file_sha256(data) if Path(data).is_file() else None,
+        "examples": len(rows),
+        "task": task,
+        "metrics": scores,
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        "system_prompt": loaded.system_prompt,
+        "generation_s": round(gen_s, 3),
+    }
+    print(format_metrics_table(result))
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        preds = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        _write_atomic(out / "predictions.jsonl", preds)
+        # metrics.json last: its presence means the folder is complete.
+        _write_atomic(out / "metrics.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+        print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    return result
+
+
+def format_metrics_table(result: dict) -> str:
+    """The metrics of one `run_eval` as an aligned text table (scores 0..100)."""
+    system = result["system_prompt"]
+    lines = [
+        f"eval of {result['name']} on {result['data']}: {result['examples']} examples, task {result['task']}, "
+        f"greedy, at most {result['generation']['max_new_tokens']} new tokens, "
+        f"system prompt {json.dumps(system, ensure_ascii=False) if system is not None else 'none'}",
+    ]
+    width = max([len("metric"), *(len(k) for k in result["metrics"])])
+    lines.append(f"  {'metric':<{width}}  {'score':>7}")
+    lines += [f"  {k:<{width}}  {v:>7.2f}" for k, v in result["metrics"].items()]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A temp file in the same folder, then rename: a reader never sees half a file, even after a crash.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

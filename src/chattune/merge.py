@@ -11,26 +11,43 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from chattune.errors import ChattuneError, ModelError
 
 
-def _untie_if_diverged(model) -> None:
-    """Keep `tie_word_embeddings` only while input and output embeddings are still one matrix.
+def _untie_embeddings(model) -> bool:
+    """Give a tied output embedding its own copy of the matrix; True when it was tied.
 
-    An adapter that trained `lm_head` or `embed_tokens` (modules_to_save) on a tied model (Qwen2.5-0.5B/1.5B)
-    leaves two different matrices; saving them with the tie flag on would make loaders silently re-tie them.
+    Merging LoRA into a tied `lm_head` (or `embed_tokens`) of Qwen2.5-0.5B/1.5B would otherwise write the
+    update into the one shared matrix, changing the input embeddings too: logits no longer match the adapter.
     """
     import torch
 
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is None or inp.weight is out.weight:
+    if out is None or inp.weight is not out.weight:
+        return False
+    out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    return True
+
+
+def _settle_tie(model, was_tied: bool) -> None:
+    """Tie the embeddings again when the merge left them equal; otherwise save both, flagged untied.
+
+    An adapter that trained `lm_head` or `embed_tokens` leaves two different matrices; saving them with the
+    tie flag on would make loaders silently re-tie them (and drop one of the two trained matrices).
+    """
+    import torch
+
+    if not was_tied:
         return
-    config = getattr(model.config, "text_config", None) or model.config
-    if getattr(config, "tie_word_embeddings", False) and not torch.equal(inp.weight, out.weight):
-        config.tie_word_embeddings = False
-        model.config.tie_word_embeddings = False
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = torch.equal(inp.weight, out.weight)
+    if tied:
+        out.weight = inp.weight  # stored once again, as in the base checkpoint
+    for config in (model.config, getattr(model.config, "text_config", None) or model.config):
+        config.tie_word_embeddings = tied
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> Path:
@@ -63,8 +80,11 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | 
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}") from None
-    model = PeftModel.from_pretrained(base, str(src.adapter_dir)).merge_and_unload()
-    _untie_if_diverged(model)
+    was_tied = _untie_embeddings(base)
+    with warnings.catch_warnings():  # peft warns that the embeddings we just untied are no longer tied
+        warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
+        model = PeftModel.from_pretrained(base, str(src.adapter_dir)).merge_and_unload()
+    _settle_tie(model, was_tied)
     tokenizer = load_source_tokenizer(src, for_generation=False)
 
     # Tools that only read generation_config.json (plain `generate`, vLLM, TGI) must stop at the end of

@@ -11,9 +11,16 @@ import logging
 import unicodedata
 from collections.abc import Callable
 from functools import cache
+from typing import Literal
 
 from chattune.errors import ChattuneError
 
+MetricName = Literal[
+    "bleu4", "rouge1", "rouge2", "rougeL",
+    "bleu4_char", "rouge1_char", "rouge2_char", "rougeL_char",
+    "accuracy", "macro_f1",
+]  # fmt: skip
+"""What `eval.metrics` accepts; the config checks names against this, so a typo fails before training."""
 GENERATION_METRICS = ["bleu4", "rouge1", "rouge2", "rougeL"]
 CHAR_METRICS = ["bleu4_char", "rouge1_char", "rouge2_char", "rougeL_char"]
 CLASSIFICATION_METRICS = ["accuracy", "macro_f1"]
@@ -28,6 +35,19 @@ def default_metrics(task: str) -> list[str]:
     if task == "classification":
         return list(CLASSIFICATION_METRICS)
     raise ChattuneError(f"unknown eval task '{task}': use one of {', '.join(TASKS)}")
+
+
+def resolve_metrics(task: str, names: list[str] | None) -> list[str]:
+    """The metrics to compute: `names` when given (checked, duplicates dropped), else the task's defaults."""
+    if not names:
+        return default_metrics(task)
+    if task not in TASKS:
+        raise ChattuneError(f"unknown eval task '{task}': use one of {', '.join(TASKS)}")
+    names = list(dict.fromkeys(n.strip() for n in names))
+    unknown = [n for n in names if n not in METRIC_NAMES]
+    if unknown:
+        raise ChattuneError(f"unknown metric(s) {', '.join(unknown)}: use any of {', '.join(METRIC_NAMES)}")
+    return names
 
 
 def compute_metrics(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:

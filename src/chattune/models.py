@@ -199,7 +199,11 @@ def load_tokenizer(model_dir: Path, cfg: ModelConfig):
     except Exception as e:
         raise ModelError(f"cannot load a tokenizer from '{model_dir}': {e}") from None
     if cfg.chat_template:
-        path = Path(cfg.chat_template)
+        from chattune.templates import chat_template_path
+
+        path = Path(
+            chat_template_path(cfg.chat_template)
+        )  # a named template shipped with chattune, or a file
         if not path.is_file():
             raise ModelError(f"model.chat_template: file '{path}' not found")
         tok.chat_template = path.read_text(encoding="utf-8")

@@ -91,19 +91,6 @@ def _read_run(run_dir: Path) -> _Run:
         # Shown as written rather than re-dumped: it is the exact file a rerun would load.
         run.config_text = config.read_text(encoding="utf-8", errors="replace")
 
-    evals: dict[tuple[str, Any], dict[str, Any]] = {}
-    for row in _read_jsonl(run_dir / "metrics.jsonl", run.notes):
-        step = row.get("step") if _is_number(row.get("step")) else None
-        if step is not None and any(k.startswith("train/") for k in row):
-            run.train_rows.append(row)
-        if "tag" in row or any(k.startswith("eval/") for k in row):
-            tag = str(row.get("tag") or (f"step {step}" if step is not None else "?"))
-            # The trainer may log eval loss and generation metrics of one evaluation as two rows.
-            evals.setdefault((tag, step), {"tag": tag, "step": step}).update(row, tag=tag, step=step)
-    run.eval_rows = sorted(evals.values(), key=lambda r: (r["step"] is None, r["step"] or 0))
-
-    run.predictions = _read_jsonl(run_dir / "predictions.jsonl", run.notes)
-
     summary = run_dir / "summary.json"
     if summary.is_file():
         try:
@@ -111,6 +98,25 @@ def _read_run(run_dir: Path) -> _Run:
             run.summary = loaded if isinstance(loaded, dict) else {}
         except json.JSONDecodeError as e:
             run.notes.append(f"summary.json: unreadable ({e})")
+    run.predictions = _read_jsonl(run_dir / "predictions.jsonl", run.notes)
+
+    # An evaluation's name by step, for metrics rows that carry no tag (runs written before tags were
+    # kept in metrics.jsonl): summary.json's evaluations, else the predictions made at that step.
+    evaluations = run.summary.get("evaluations")
+    named = run.predictions + (evaluations if isinstance(evaluations, list) else [])
+    tag_of = {r.get("step"): r["tag"] for r in named if isinstance(r, dict) and isinstance(r.get("tag"), str)}
+
+    evals: dict[tuple[str, Any], dict[str, Any]] = {}
+    for row in _read_jsonl(run_dir / "metrics.jsonl", run.notes):
+        step = row.get("step") if _is_number(row.get("step")) else None
+        if step is not None and any(k.startswith("train/") for k in row):
+            run.train_rows.append(row)
+        if "tag" in row or any(k.startswith("eval/") for k in row):
+            tag = row.get("tag") if isinstance(row.get("tag"), str) else tag_of.get(step)
+            tag = tag or (f"step {step}" if step is not None else "?")
+            # The trainer may log eval loss and generation metrics of one evaluation as two rows.
+            evals.setdefault((tag, step), {"tag": tag, "step": step}).update(row, tag=tag, step=step)
+    run.eval_rows = sorted(evals.values(), key=lambda r: (r["step"] is None, r["step"] or 0))
     return run
 
 
@@ -266,8 +272,15 @@ def _facts_rows(run: _Run) -> list[list[str]]:
         values = [r[key] for r in run.train_rows if _is_number(r.get(key))]
         return sum(values) / len(values) if values else None
 
-    wall = s.pop("wall_s", None)
+    wall, train_s = s.pop("wall_s", None), s.pop("train_s", None)
     rows.append(["wall time", _fmt_seconds(wall) if _is_number(wall) else _fmt(wall)])
+    if train_s is not None:
+        rows.append(
+            [
+                "train time (optimizer steps only)",
+                _fmt_seconds(train_s) if _is_number(train_s) else _fmt(train_s),
+            ]
+        )
     rows.append(["train tokens", _fmt(s.pop("train_tokens", None))])
     # Fall back to the per-step rows when summary.json is missing, e.g. a run that crashed.
     tps = s.pop("tokens_per_s", None)
@@ -279,7 +292,13 @@ def _facts_rows(run: _Run) -> list[list[str]]:
     rows.append(["peak memory (GiB)", _fmt(peak if peak is not None or not peaks else max(peaks))])
     if mean("train/mfu") is not None:
         rows.append(["MFU (mean of train/mfu)", _fmt(mean("train/mfu"))])
-    rows.append(["last train step", _fmt(run.train_rows[-1]["step"] if run.train_rows else None)])
+    steps = s.pop("steps", None)
+    rows.append(
+        [
+            "optimizer steps",
+            _fmt(steps if steps is not None or not run.train_rows else run.train_rows[-1]["step"]),
+        ]
+    )
     rows.append(["hardware", _fmt(s.pop("hardware", None))])
     for group in ("versions", "data"):
         value = s.pop(group, None)
@@ -287,6 +306,7 @@ def _facts_rows(run: _Run) -> list[list[str]]:
             rows.extend([f"{group}: {k}", _fmt(v)] for k, v in value.items())
         else:
             rows.append([group, _fmt(value or None)])
+    s.pop("evaluations", None)  # the Metrics table above shows them
     # Whatever else the trainer recorded, so a new summary key shows up without a code change.
     rows.extend([key, _fmt(value)] for key, value in s.items())
     return rows

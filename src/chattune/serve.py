@@ -78,6 +78,10 @@ class _ChatRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     seed: int | None = None
+    # Accepted only in their "off" form: a client that asks for tool calls or logprobs must not get a
+    # plain answer that silently lacks them.
+    tools: list[dict[str, Any]] | None = None
+    logprobs: bool | None = None
 
 
 def _text(m: _Message, k: int) -> str:
@@ -191,6 +195,9 @@ class GenerationWorker:
                 job.future.set_exception(APIError(503, "the server is shutting down"))
 
     def _stream(self, job: _Job) -> None:
+        if job.cancelled.is_set():  # the client left while the request waited in the queue
+            job.push(None)
+            return
         params = {k: v for k, v in job.params.items() if k != "n"}
         events = stream_events(job.loaded, job.messages, **params)
         try:
@@ -230,12 +237,14 @@ def _parse(body: bytes) -> _ChatRequest:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object with 'model' and 'messages'")
     try:
         return _ChatRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise APIError(400, f"{where}: {err['msg']}", param=where or None) from None
+        where = ".".join(str(x) for x in err["loc"]) or "request"
+        raise APIError(400, f"{where}: {err['msg']}", param=where) from None
 
 
 def build_app(
@@ -304,6 +313,10 @@ def build_app(
             raise APIError(400, "messages must not be empty", param="messages")
         if req.stream and req.n > 1:
             raise APIError(400, "stream with n > 1 is not supported", param="n")
+        if req.tools:
+            raise APIError(400, "tools (function calling) are not supported by chattune serve", param="tools")
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by chattune serve", param="logprobs")
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": _text(m, k)}
             for k, m in enumerate(req.messages)
@@ -413,46 +426,6 @@ def _stream_response(
 
 
 # -- running it -----------------------------------------------------------------------------------------
-def build_vllm_command(paths: list[str | Path], host: str, port: int) -> list[str]:
-    """`vllm serve` over the same base and adapters (vLLM has its own OpenAI server)."""
-    from chattune.infer import read_model_source
-
-    sources = [read_model_source(p) for p in paths]
-    bases = {s.base_dir for s in sources}
-    if len(bases) != 1:
-        raise ChattuneError("--engine vllm serves adapters over one base model; these use several")
-    cmd = ["vllm", "serve", str(bases.pop()), "--host", host, "--port", str(port)]
-    adapters = [s for s in sources if s.adapter_dir is not None]
-    if adapters:
-        ranks = [json.loads((s.adapter_dir / "adapter_config.json").read_text())["r"] for s in adapters]
-        rank = next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= max(ranks))  # vLLM's allowed values
-        cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--lora-modules"]
-        cmd += [f"{s.name}={s.adapter_dir}" for s in adapters]
-        cmd += ["--chat-template", str(adapters[0].adapter_dir / "chat_template.jinja")]
-    return cmd
-
-
-def _run_vllm(paths: list[str | Path], host: str, port: int, api_key: str | None) -> None:
-    import importlib.util
-    import os
-    import subprocess
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ChattuneError(
-            "--engine vllm: vllm is not installed (pip install vllm, on a CUDA machine), "
-            "or use the default --engine transformers"
-        )
-    from chattune.infer import read_model_source
-
-    if any(read_model_source(p).system_prompt for p in paths):
-        print(
-            "warning: vLLM does not apply the adapter's stored system prompt; send it in each request",
-            file=sys.stderr,
-        )
-    env = {**os.environ, **({"VLLM_API_KEY": api_key} if api_key else {})}  # not on the command line (ps)
-    raise SystemExit(subprocess.call(build_vllm_command(paths, host, port), env=env))
-
-
 def run_server(
     path_or_paths: str | Path | list[str | Path],
     host: str = "127.0.0.1",
@@ -474,7 +447,9 @@ def run_server(
 
     paths = path_or_paths if isinstance(path_or_paths, list) else [path_or_paths]
     if engine == "vllm":
-        return _run_vllm(paths, host, port, api_key)
+        from chattune.serve_vllm import run_vllm
+
+        return run_vllm(paths, host, port, api_key)
     if engine != "transformers":
         raise ChattuneError(f"--engine {engine}: use transformers (default) or vllm")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -29,8 +29,11 @@ PREDICTION_KEY = "Prediction"
 
 
 class Tracker(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record namespaced scalars (`train/loss`, `eval/loss`, ...) at optimizer step `step`."""
+    def log(self, metrics: dict[str, float | str], step: int) -> None:
+        """Record namespaced scalars (`train/loss`, `eval/loss`, ...) at optimizer step `step`.
+
+        A string value (e.g. `tag: "epoch 1"`) labels the row in metrics.jsonl; backends get numbers only.
+        """
         ...
 
     def log_predictions(self, rows: list[dict], step: int, tag: str) -> None:
@@ -78,12 +81,16 @@ class RunTracker:
         self._backend = backend
         self._finished = False
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float | str], step: int) -> None:
         self._check_open()
         step = int(step)  # SwanLab ignores a log whose step is not a Python int (e.g. numpy.int64)
         values = {key: _as_float(value) for key, value in metrics.items()}
-        # Strict JSON has no NaN/Infinity; null keeps the file readable by jq and JavaScript.
-        _write_line(self._metrics, {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}})
+        # Strict JSON has no NaN/Infinity; null keeps the file readable by jq and JavaScript. Labels such
+        # as the evaluation's tag stay text: the report names its rows "baseline", "epoch 1" by them.
+        row = {
+            k: metrics[k] if isinstance(metrics[k], str) else _finite_or_none(v) for k, v in values.items()
+        }
+        _write_line(self._metrics, {"step": step, **row})
         # Backends get NaN/inf as they are (a diverging loss should show), but nothing that is not a number.
         numbers = {k: v for k, v in values.items() if v is not None}
         if numbers:

@@ -5,11 +5,16 @@ data -> render (the model's own template, assistant-only labels) -> batches (pad
 every epoch -> adapter folder that carries everything needed to use it.
 Everything the user gave is checked before the run directory is created, so a bad config or data
 file leaves nothing half-written behind.
+
+Launched by torchrun / accelerate launch, every process runs this same function on the same plan and
+takes its share of each optimizer step's micro-batches (`distributed.share_window`); rank 0 alone
+prints, evaluates, logs and writes (see `distributed` for the rest).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,10 +28,25 @@ from pathlib import Path
 
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
-from chattune.errors import ChattuneError
+from chattune.distributed import (
+    broadcast_trainable,
+    check_launch,
+    end_process_group,
+    full_tensor,
+    gather_trainable,
+    init_process_group,
+    read_world,
+    shard_model,
+    share_window,
+    sum_gradients,
+    sum_ints,
+    sum_tensor_,
+)
+from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
-from chattune.models import add_lora, load_model, load_tokenizer, pick_device, resolve_model_dir
+from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from chattune.templates import check_parity, end_of_turn_token, render_all
+from chattune.track import Tracker, build_tracker
 
 # Dense bf16 peak of GPUs we know, for MFU; unknown GPUs report no MFU rather than a guess.
 PEAK_TFLOPS = {
@@ -41,7 +61,8 @@ PEAK_TFLOPS = {
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") in ("", "0"):  # one voice for a run of several processes
+        print(msg, file=sys.stderr, flush=True)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -60,11 +81,16 @@ def _check_output_dir(path: Path, resume: bool) -> None:
         )
 
 
-def _write_adapter(model, tokenizer, cfg: Config, model_dir: Path, system_prompt, target: Path) -> None:
-    """Save adapter + tokenizer (with its chat template) + run config + inference facts, atomically."""
+def _write_adapter(
+    model, tokenizer, cfg: Config, model_dir: Path, system_prompt, target: Path, state_dict=None
+) -> None:
+    """Save adapter + tokenizer (with its chat template) + run config + inference facts, atomically.
+
+    `state_dict`: the LoRA weights gathered whole, when the model holds only shards of them (FSDP).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     (tmp / "chattune.yaml").write_text(dump_config(cfg), encoding="utf-8")
     info = {
@@ -84,7 +110,17 @@ def _write_adapter(model, tokenizer, cfg: Config, model_dir: Path, system_prompt
 def run(cfg: Config, *, resume: bool = False) -> Path:
     t_start = time.time()
     dc, tc = cfg.data, cfg.train
+    world = read_world()  # one process unless started by torchrun / accelerate launch
+    sharded = world.size > 1 and tc.distributed == "fsdp"
+    if world.size > 1:
+        check_launch(os.environ, tc.distributed)
+    if sharded and (tc.save_steps or resume):
+        raise ConfigError(
+            "train.save_steps" if tc.save_steps else "train.distributed",
+            "checkpoints and --resume are not supported with train.distributed: fsdp yet; use ddp",
+        )
     out_dir = Path(tc.output_dir)
+    # On every rank, like every check below: a rank failing alone would leave the others waiting.
     _check_output_dir(out_dir, resume)
 
     # ---- data: read, validate, split, render with the model's own template -------------------------------
@@ -126,11 +162,19 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     torch.manual_seed(tc.seed)
     device = pick_device(tc.device)
+    # Every check on the user's config and data has run on every rank: from here on ranks talk.
+    joined = init_process_group(world, device)
     register_attention()
     attn = cfg.model.attn_implementation
     if attn == "auto":
         attn = pick_attn_implementation(device, tc.packing)
-    model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
+    if sharded:  # read in the device's dtype onto the host; FSDP then moves each rank's shard to the device
+        model_cfg = dataclasses.replace(
+            cfg.model, dtype=str(pick_dtype(cfg.model.dtype, device)).split(".")[-1]
+        )
+        model = load_model(model_dir, model_cfg, "cpu", attn_implementation=attn)
+    else:
+        model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
     model.config.use_cache = False  # a KV cache would let packed documents see each other
     model = add_lora(model, cfg.lora)
     # The largest micro-batch in tokens: what activation memory scales with.
@@ -154,6 +198,10 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     n_matmul = _matmul_params(model)
+    if world.size > 1:
+        broadcast_trainable([p for p in model.parameters() if p.requires_grad])
+    if sharded:
+        shard_model(model.get_base_model(), _decoder_layers(model), device, world.size)
 
     # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
     lengths = [len(e["input_ids"]) for e in train_ex]
@@ -163,6 +211,11 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     steps_per_epoch = math.ceil(len(build_batches(lengths, epoch=0, **plan_kw)) / tc.grad_accum_steps)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
+    if tc.grad_accum_steps % world.size:
+        _say(
+            f"note: train.grad_accum_steps ({tc.grad_accum_steps}) is not a multiple of the {world.size} "
+            "processes, so some of them idle for part of every step; a multiple keeps all of them busy"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device == "cuda")
     scheduler = get_scheduler(
@@ -199,22 +252,23 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     start_step = 0
     ckpt_dir = out_dir / "checkpoints"
     if resume:
-        start_step = _load_checkpoint(ckpt_dir, model, optimizer, scheduler)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    data_info = {
-        "train_path": dc.train_path,
-        "train_sha256": file_sha256(dc.train_path),
-        "read": read_report.as_dict(),
-        "eval_read": eval_read.as_dict() if eval_read else None,
-        "train": train_report.as_dict(),
-        "eval": eval_report.as_dict(),
-    }
-    from chattune.track import build_tracker
-
-    hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
-    hparams["params"] = {"trainable": n_trainable, "total": n_total}
-    tracker = build_tracker(cfg.track, out_dir, hparams)
+        start_step = _load_checkpoint(ckpt_dir, model, optimizer, scheduler)  # every rank reads it
+    data_info: dict = {}
+    tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        data_info = {
+            "train_path": dc.train_path,
+            "train_sha256": file_sha256(dc.train_path),
+            "read": read_report.as_dict(),
+            "eval_read": eval_read.as_dict() if eval_read else None,
+            "train": train_report.as_dict(),
+            "eval": eval_report.as_dict(),
+        }
+        hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
+        hparams["params"] = {"trainable": n_trainable, "total": n_total}
+        tracker = build_tracker(cfg.track, out_dir, hparams)
     from chattune.infer import Loaded
 
     eot = end_of_turn_token(tokenizer)
@@ -230,6 +284,10 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     history: list[dict] = []
 
     def evaluate_now(step: int, epoch: float, tag: str) -> None:
+        # Replicas: rank 0 evaluates alone while the others wait in their next collective. Shards: every
+        # rank runs the same forwards (each one gathers the weights), and only rank 0's tracker records.
+        if not (world.is_main or sharded):
+            return
         row: dict = {"epoch": epoch, "tag": tag}
         if cfg.eval.loss and eval_ex:
             row["eval/loss"] = eval_loss(model, eval_ex, pad_id, cfg.eval.batch_size)
@@ -259,7 +317,11 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     peak_tflops = _peak_tflops(device)
     bar = tqdm(
-        total=total_steps, initial=start_step, disable=not tc.progress, desc="train", dynamic_ncols=True
+        total=total_steps,
+        initial=start_step,
+        disable=not (tc.progress and world.is_main),
+        desc="train",
+        dynamic_ncols=True,
     )
     step, tokens_seen, train_time = start_step, 0, 0.0
     window_tokens, window_time, window_loss = 0, 0.0, []
@@ -276,18 +338,32 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             if step >= total_steps:
                 break
             t0 = time.time()
-            micro = [collate(idx) for idx in window]
+            micro = [collate(idx) for idx in share_window(window, world)]  # all of them on one process
             # Normalise by the labeled tokens of the whole accumulated batch, so the loss is the
-            # per-token mean however the tokens were split into micro-batches or packed.
-            n_labels = max(1, sum(n for _, n, _ in micro))
+            # per-token mean however the tokens were split into micro-batches, packs or processes.
+            n_labels = sum(n for _, n, _ in micro)
             real_tokens = sum(n for _, _, n in micro)  # padding is work the GPU did for nothing
+            if world.size > 1:
+                n_labels, real_tokens = sum_ints([n_labels, real_tokens], device)  # the whole step's
+            n_labels = max(1, n_labels)
             loss_total = torch.zeros((), device=device)  # summed on the device: one host sync a step
             for b, _, _ in micro:
                 with forward_ctx():
                     loss_sum, _ = lm_loss_sum(model, b)
                 (loss_sum / n_labels).backward()
                 loss_total += loss_sum.detach()
+            if sharded:  # FSDP gathers weights inside every forward and backward: all ranks run as many
+                for _ in range(math.ceil(len(window) / world.size) - len(micro)):
+                    b, _, _ = collate(window[0])
+                    with forward_ctx():
+                        loss_sum, _ = lm_loss_sum(model, b)
+                    (loss_sum * 0.0).backward()  # takes part, adds nothing
+            elif world.size > 1:
+                sum_gradients(params)  # FSDP's reduce-scatter already summed; replicas sum here
+            if world.size > 1:
+                sum_tensor_(loss_total)
             grad_norm_t = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            grad_norm_t = full_tensor(grad_norm_t)  # a sharded norm is gathered on every rank
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -311,13 +387,13 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                 if device == "cuda":
                     row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 if peak_tflops:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
-                    row["train/mfu"] = 4 * n_matmul * tps / (peak_tflops * 1e12)
+                    row["train/mfu"] = 4 * n_matmul * tps / (peak_tflops * 1e12 * world.size)
                 tracker.log(row, step=step)
                 bar.set_postfix(
                     loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
                 )
                 window_tokens, window_time, window_loss = 0, 0.0, []
-            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
+            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps and world.is_main:
                 _save_checkpoint(ckpt_dir, step, model, optimizer, scheduler)
             if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps:
                 evaluate_now(step, epoch + (w + 1) / len(windows), f"step {step}")
@@ -328,36 +404,59 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     bar.close()
 
     # ---- save: the adapter folder carries everything needed to use it --------------------------------------
-    _write_adapter(model, tokenizer, cfg, model_dir, dc.system_prompt, out_dir / "adapter")
-    summary = {
-        "wall_s": time.time() - t_start,
-        "train_s": train_time,
-        "train_tokens": tokens_seen,
-        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
-        "steps": step,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-        "hardware": torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "versions": _versions(),
-        "data": data_info,
-        "evaluations": history,
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-    tracker.finish()
-    try:
-        from chattune.report import write_report
+    lora_state = gather_trainable(model) if sharded else None  # a collective: every rank takes part
+    if world.is_main:
+        _write_adapter(model, tokenizer, cfg, model_dir, dc.system_prompt, out_dir / "adapter", lora_state)
+        hardware = (
+            torch.cuda.get_device_name()
+            if device == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        )
+        summary = {
+            "wall_s": time.time() - t_start,
+            "train_s": train_time,
+            "train_tokens": tokens_seen,
+            "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+            "steps": step,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "hardware": hardware if world.size == 1 else f"{world.size} processes x {hardware}",
+            "versions": _versions(),
+            "data": data_info,
+            "evaluations": history,
+        }
+        if world.size > 1:
+            summary["distributed"] = {"processes": world.size, "mode": tc.distributed}
+        (out_dir / "summary.json").write_text(
+            json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8"
+        )
+        tracker.finish()
+        try:
+            from chattune.report import write_report
 
-        write_report(out_dir)
-    except Exception as e:  # a report problem must not lose a finished run
-        _say(f"warning: could not write the run report: {e}")
-    _say(
-        f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}"
-    )
+            write_report(out_dir)
+        except Exception as e:  # a report problem must not lose a finished run
+            _say(f"warning: could not write the run report: {e}")
+        _say(
+            f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}"
+        )
+    end_process_group(joined)  # every rank returns once the adapter is written
     return out_dir
 
 
 # -- helpers of run() ---------------------------------------------------------------------------------------
+class _SilentTracker:
+    """The tracker of ranks other than 0: they train and evaluate like rank 0 but record nothing."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_predictions(self, rows: list[dict], step: int, tag: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
 def _default_metrics(task: str) -> list[str]:
     from chattune.metrics import default_metrics
 

@@ -1,0 +1,240 @@
+"""Several processes, one run: who this process is, the process group, and what crosses between ranks.
+
+`torchrun` and `accelerate launch` start one process per GPU and set RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; `train.run` reads them with `read_world`. Without them the run is one
+process and nothing here calls a collective. Every rank builds the same micro-batch plan (it is a pure
+function of the data and the seed) and takes its share of each optimizer step with `share_window`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+from chattune.errors import ChattuneError, ConfigError
+
+T = TypeVar("T")
+
+# Rank 0 evaluates and writes files alone while the other ranks wait in their next collective; NCCL's
+# default 10-minute timeout would kill a run whose evaluation generates for longer than that.
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, evaluates, logs and writes files."""
+        return self.rank == 0
+
+
+def read_world(env: Mapping[str, str] = os.environ) -> World:
+    """This process's place, from the launcher's environment variables (one process when they are unset)."""
+    values = {}
+    for key, default in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)]:
+        raw = env.get(key)
+        try:
+            values[key] = default if raw in (None, "") else int(raw)
+        except ValueError:
+            raise ChattuneError(f"environment variable {key}={raw!r} is not an integer") from None
+    world = World(rank=values["RANK"], size=values["WORLD_SIZE"], local_rank=values["LOCAL_RANK"])
+    if world.size < 1 or not 0 <= world.rank < world.size or world.local_rank < 0:
+        raise ChattuneError(
+            f"RANK={world.rank}, WORLD_SIZE={world.size}, LOCAL_RANK={world.local_rank} do not describe "
+            "a process group; start several processes with torchrun or accelerate launch"
+        )
+    return world
+
+
+def check_launch(env: Mapping[str, str], distributed: str) -> None:
+    """Refuse engine choices made in `accelerate config` that chattune would otherwise silently ignore."""
+    if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
+        raise ConfigError(
+            "train.distributed",
+            "accelerate launch is configured for DeepSpeed, which chattune does not drive; shard the model "
+            "with train.distributed: fsdp (what ZeRO-3 does) and run `accelerate config` without DeepSpeed",
+        )
+    if _true(env.get("ACCELERATE_USE_FSDP")) and distributed != "fsdp":
+        raise ConfigError(
+            "train.distributed",
+            f"accelerate launch is configured for FSDP but this is '{distributed}'; set "
+            "train.distributed: fsdp (chattune shards the model itself; accelerate's fsdp_* settings are not read)",
+        )
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def share_window(window: Sequence[T], world: World) -> list[T]:
+    """This rank's micro-batches of one optimizer step: every `size`-th, starting at its rank.
+
+    The step's micro-batches are the same as on one device, so the global batch does not change with
+    the number of processes; a step with fewer micro-batches than ranks leaves some ranks without one.
+    """
+    return list(window[world.rank :: world.size])
+
+
+# -- collectives (every rank calls each of these at the same point) ----------------------------------------
+def init_process_group(world: World, device: str) -> bool:
+    """Join the launcher's process group (NCCL on CUDA, gloo on CPU); False when there was nothing to do."""
+    import torch
+    import torch.distributed as dist
+
+    if world.size == 1 or dist.is_initialized():
+        return False
+    if device == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ChattuneError(
+                f"LOCAL_RANK {world.local_rank} has no GPU: {torch.cuda.device_count()} visible; "
+                "start at most one process per GPU"
+            )
+        torch.cuda.set_device(world.local_rank)  # "cuda" now means this rank's GPU everywhere
+    # On GPUs, host tensors (FSDP's model before sharding) still need gloo: one group, both backends.
+    backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    # Every rank has checked config and data by now: after this barrier, rank 0 may create the run directory.
+    dist.barrier()
+    return True
+
+
+def end_process_group(created: bool) -> None:
+    """Wait until rank 0 has written everything, then leave the group we joined."""
+    import torch.distributed as dist
+
+    if created:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def sum_ints(values: list[int], device: str) -> list[int]:
+    """Element-wise sum over ranks of a few host-side counts (one small collective)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_tensor_(t):
+    """Sum a device tensor over ranks, in place."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t)
+    return t
+
+
+def broadcast_trainable(params: list) -> None:
+    """Rank 0's initial LoRA weights on every rank: replicas must start equal to stay equal."""
+    import torch.distributed as dist
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def sum_gradients(params: list) -> None:
+    """Replace each rank's gradients by their sum over ranks: one all-reduce per dtype.
+
+    Each rank back-propagated (its loss sum) / (the step's global target count), so the sum is the
+    gradient of the whole step's per-token mean loss, exactly as one process would have it. A rank
+    without a micro-batch in this step has no gradient and contributes zeros.
+    """
+    import torch
+    import torch.distributed as dist
+
+    by_dtype: dict = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        for p, g in zip(group, flat.split([p.numel() for p in group]), strict=True):
+            p.grad = g.view_as(p)
+
+
+def shard_model(hf_model, layers: list, device: str, size: int) -> None:
+    """FSDP2: each decoder layer is one unit, the backbone's remainder (embeddings, final norm) another.
+
+    LoRA weights live inside the layers and are sharded with them. Gradients are SUMMED over ranks
+    (divide factor 1), since each rank's loss is already divided by the step's global target count.
+    The output head stays a plain replicated module: the loss calls the backbone and reads the head's
+    weight directly, so FSDP's forward hooks on an outer unit would never run. (With tied embeddings
+    the head keeps an unsharded copy of the embedding matrix.)
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (size,))
+    backbone = hf_model.base_model
+    units = [*layers, backbone]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo rejects PREMUL_SUM
+    hf_model.get_output_embeddings().to(device)  # sharded units were moved by FSDP; the head was not
+    # transformers' generate() reads this marker and keeps sharded ranks stepping together (synced_gpus).
+    hf_model._is_fsdp_managed_module = True
+
+
+def full_tensor(t):
+    """A sharded (DTensor) value gathered whole on every rank; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_trainable(model) -> dict:
+    """{name: whole CPU tensor} of the trainable (LoRA) weights, gathered from their shards on every rank."""
+    return {n: full_tensor(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# -- chattune train --gpus N -----------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, argv: list[str], port: int) -> list[str]:
+    """`torchrun` running `chattune <argv>` in `nproc` processes of this machine, rendezvous on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "chattune.cli",
+        *argv,
+    ]
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run `chattune <argv>` under torchrun with `nproc` processes; returns torchrun's exit code."""
+    import subprocess
+
+    import torch
+
+    if nproc < 1:
+        raise ChattuneError(f"--gpus must be at least 1, got {nproc}")
+    if os.environ.get("WORLD_SIZE"):
+        raise ChattuneError(
+            "--gpus inside a torchrun/accelerate launch: drop --gpus, the launcher starts the processes"
+        )
+    have = torch.cuda.device_count()
+    if 0 < have < nproc:
+        raise ChattuneError(f"--gpus {nproc}: only {have} GPU(s) visible (CUDA_VISIBLE_DEVICES)")
+    if have == 0:
+        print(f"no CUDA GPU: running {nproc} CPU processes (gloo)", file=sys.stderr, flush=True)
+    return subprocess.call(torchrun_command(nproc, argv, free_port()))
