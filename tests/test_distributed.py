@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,7 @@ def tiny_tree(model_dir: Path, data: tuple[Path, Path], out: Path, **train) -> d
             "train_path": str(data[0]),
             "eval_path": str(data[1]),
             "max_len": 64,
+            "on_bad_row": "skip",  # rows whose answer does not fit in 64 tokens: dropped and counted
             "system_prompt": "甄嬛",
         },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},  # dropout would draw different masks per rank
@@ -102,13 +104,13 @@ def tiny_tree(model_dir: Path, data: tuple[Path, Path], out: Path, **train) -> d
     }
 
 
-def run_two_processes(tree: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_two_processes(tree: dict, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
     cwd = tmp_path / "cwd"  # empty: nothing may appear here
-    cwd.mkdir()
+    cwd.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = torchrun_command(2, ["train", str(cfg)], free_port())
+    cmd = torchrun_command(2, ["train", str(cfg), *flags], free_port())
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not any(cwd.iterdir()), list(cwd.iterdir())
@@ -129,6 +131,7 @@ def test_two_processes_follow_one_process_and_only_rank0_writes(
     mode, packing, tiny_model_dir, data_files, tmp_path
 ):
     extra = {"packing": packing, "pack_tokens": 96} if packing else {}
+    extra["save_steps"] = 2  # checkpoints at steps 2 and 4 of 6 (the last one is kept)
     one = run(config_from_dict(tiny_tree(tiny_model_dir, data_files, tmp_path / "one" / "run", **extra)))
 
     two_root = tmp_path / "two"
@@ -166,11 +169,27 @@ def test_two_processes_follow_one_process_and_only_rank0_writes(
     for k in wa:
         assert (wa[k] - wb[k]).abs().max() <= 1e-4 * max(wa[k].abs().max(), 1e-3), k
 
+    # A crash after the step-4 checkpoint, resumed by two processes, logs what the uninterrupted run logged.
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-0000004"]
+    shutil.rmtree(two / "adapter")
+    kept = [
+        line for line in (two / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 4
+    ]
+    (two / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    run_two_processes(tree, tmp_path, "--resume")
+    resumed = rows(two, "train/loss")
+    assert [r["step"] for r in resumed] == [r["step"] for r in b]
+    for ra, rb in zip(b[4:], resumed[4:], strict=True):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=REL_TOL), ra["step"]
+        assert rb["train/lr"] == pytest.approx(ra["train/lr"], rel=1e-6)
+    assert (two / "adapter" / "adapter_model.safetensors").is_file()
+
 
 def test_bad_data_stops_every_rank_before_anything_is_written(tiny_model_dir, data_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "hi", "output": "ok"}\n{"instruction": 3}\n', encoding="utf-8")
     tree = tiny_tree(tiny_model_dir, (bad, data_files[1]), tmp_path / "out" / "run")
+    tree["data"]["on_bad_row"] = "error"  # the default: the first bad row stops the run
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -186,7 +205,7 @@ def test_bad_data_stops_every_rank_before_anything_is_written(tiny_model_dir, da
     "env, train, match",
     [
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}, "DeepSpeed"),
-        ({}, {"distributed": "fsdp", "save_steps": 2}, "train.save_steps"),
+        ({"ACCELERATE_USE_FSDP": "true"}, {"distributed": "ddp"}, "train.distributed: fsdp"),
     ],
 )
 def test_unsupported_launches_fail_before_any_collective(

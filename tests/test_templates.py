@@ -183,7 +183,12 @@ def test_cut_prompt_keeps_system_drops_old_turns_and_cuts_question_left(qwen_tok
     assert trained_text(tok, r) == "回答。<|im_end|>"
     # The cut example is itself a rendering of a (shorter) conversation: exact template text.
     long_answer = [msgs[0], msgs[3], {"role": "assistant", "content": "长" * 200}]
-    assert render(tok, long_answer, max_len=60, truncation="cut_prompt").startswith("answer longer")
+    # An answer too long on its own: the question's end stays, the answer is cut but still stops.
+    r = render(tok, long_answer, max_len=60, truncation="cut_prompt")
+    assert r.truncated and len(r.input_ids) == 60 and r.labels[-1] == r.input_ids[-1]
+    text = tok.decode(r.input_ids)
+    assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and "最后的问题？<|im_end|>" in text
+    assert text.endswith("长<|im_end|>") and trained_text(tok, r).startswith("长长")
 
 
 def test_bad_rows_at_render_name_file_and_line_or_are_counted(qwen_tokenizer):

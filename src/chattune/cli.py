@@ -23,6 +23,7 @@ def demo_config_tree(output_dir: str) -> dict:
             "eval_ratio": 0.05,
             "system_prompt": DEMO_SYSTEM_PROMPT,
             "max_len": 128,
+            "truncation": "cut_prompt",  # a long question loses its start, never the answer's stop
         },
         # A randomly initialised 64-wide model needs a far larger rate and rank than a 7B one to move in a minute.
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
@@ -43,9 +44,15 @@ def demo_config_tree(output_dir: str) -> dict:
 
 def cmd_train(args) -> int:
     from chattune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a config mistake is reported once, before any launch
+    if args.gpus is not None:
+        from chattune.distributed import relaunch
+
+        resume = ["--resume"] if args.resume else []
+        return relaunch(args.gpus, ["train", args.config, *args.overrides, *resume])
     from chattune.train import run
 
-    cfg = load_config(args.config, args.overrides)
     run(cfg, resume=args.resume)
     return 0
 
@@ -162,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4")
     t.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in train.output_dir"
+    )
+    t.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train data-parallel in N processes, one per GPU of this machine (starts torchrun for you; "
+        "see train.distributed)",
     )
     t.set_defaults(func=cmd_train)
 

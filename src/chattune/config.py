@@ -96,7 +96,8 @@ class DataConfig:
     """Tokens per example after rendering; longer examples follow `truncation`."""
     truncation: Literal["keep_end", "cut_prompt", "drop"] = "keep_end"
     """`keep_end`: cut the answer but keep its end-of-turn token labeled; `cut_prompt`: drop the oldest
-    turns, then cut the last question from the left, keeping the system prompt; `drop`: drop the example.
+    turns, then cut the last question from the left, keeping the system prompt (an answer too long on its
+    own keeps its question's end and is cut as by `keep_end`); `drop`: drop the example.
     An example left with no answer token is dropped and counted, never trained all-masked."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Which assistant turns of a multi-turn conversation are trained (labeled)."""

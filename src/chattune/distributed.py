@@ -171,9 +171,17 @@ def shard_model(hf_model, layers: list, device: str, size: int) -> None:
     weight directly, so FSDP's forward hooks on an outer unit would never run. (With tied embeddings
     the head keeps an unsharded copy of the embedding matrix.)
     """
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        FSDPModule = None
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise ConfigError(
+            "train.distributed", f"fsdp needs FSDP2 from a newer torch than {torch.__version__}; use ddp"
+        )
     mesh = init_device_mesh(device, (size,))
     backbone = hf_model.base_model
     units = [*layers, backbone]

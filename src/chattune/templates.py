@@ -235,7 +235,11 @@ def encode(tokenizer, conversations: list[list[dict]], *, train_on: str = "all_a
 
 
 def _cut_prompt(tokenizer, messages: list[dict], max_len: int, train_on: str) -> Rendered | str:
-    """Drop the oldest exchanges, then cut the last question from the left; the system prompt stays."""
+    """Drop the oldest exchanges, then cut the last question from the left; the system prompt stays.
+
+    An answer too long on its own keeps a quarter of `max_len` of its question and is then cut as
+    `keep_end` cuts it: the end-of-turn token stays labeled.
+    """
     msgs = [dict(m) for m in messages]
     first = 1 if msgs[0]["role"] == "system" else 0
     for _ in range(len(msgs) + 8):  # every pass removes a turn or at least one token
@@ -250,7 +254,13 @@ def _cut_prompt(tokenizer, messages: list[dict], max_len: int, train_on: str) ->
         question = msgs[first]["content"]
         offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if excess >= len(offsets):
-            break
+            # The answer does not fit on its own: keep the question's last quarter of the budget, then
+            # cut the answer as keep_end does (its end-of-turn token stays labeled).
+            keep = max(1, min(len(offsets), max_len // 4))
+            if len(offsets) > keep:
+                msgs[first]["content"] = question[offsets[len(offsets) - keep - 1][1] :]
+            out = encode(tokenizer, [msgs], train_on=train_on)[0]
+            return _fit(out, max_len, "keep_end", template_facts(tokenizer).eot_id)
         msgs[first]["content"] = question[offsets[excess - 1][1] :]
     return f"answer longer than data.max_len ({max_len} tokens) on its own"
 

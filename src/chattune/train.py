@@ -28,7 +28,9 @@ from pathlib import Path
 
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
+from chattune.datacheck import preflight
 from chattune.distributed import (
+    World,
     broadcast_trainable,
     check_launch,
     end_process_group,
@@ -45,7 +47,7 @@ from chattune.distributed import (
 from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
-from chattune.templates import check_parity, end_of_turn_token, render_all
+from chattune.templates import end_of_turn_token, render_all
 from chattune.track import Tracker, build_tracker
 
 # Dense bf16 peak of GPUs we know, for MFU; unknown GPUs report no MFU rather than a guess.
@@ -114,11 +116,6 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     sharded = world.size > 1 and tc.distributed == "fsdp"
     if world.size > 1:
         check_launch(os.environ, tc.distributed)
-    if sharded and (tc.save_steps or resume):
-        raise ConfigError(
-            "train.save_steps" if tc.save_steps else "train.distributed",
-            "checkpoints and --resume are not supported with train.distributed: fsdp yet; use ddp",
-        )
     out_dir = Path(tc.output_dir)
     # On every rank, like every check below: a rank failing alone would leave the others waiting.
     _check_output_dir(out_dir, resume)
@@ -127,8 +124,17 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model)
     train_convs, eval_convs, read_report, eval_read = read_splits(dc, tc.seed)
-    check_parity(tokenizer, train_convs)  # refuse to train on ids that differ from the template's
-    render_kw = dict(max_len=dc.max_len, truncation=dc.truncation, train_on=dc.train_on)
+    # Pre-flight: refuse to train on ids that differ from the template's or an untrained end of turn.
+    for warning in preflight(tokenizer, train_convs, model_dir=model_dir, train_on=dc.train_on):
+        if world.is_main:
+            _say(f"warning: {warning}")
+    render_kw = dict(
+        max_len=dc.max_len,
+        truncation=dc.truncation,
+        train_on=dc.train_on,
+        on_bad_row=dc.on_bad_row,
+        cache=dc.cache,
+    )
     train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
     eval_ex, eval_report = render_all(tokenizer, eval_convs, **render_kw)
     if not train_ex:
@@ -141,7 +147,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             cfg.eval.samples,
             fmt=dc.format,
             system_prompt=dc.system_prompt,
-            converter=dc.converter,
+            converter=dc.converter if isinstance(dc.converter, str) else None,
         )
     else:
         samples = build_samples(eval_convs, cfg.eval.samples)
@@ -164,15 +170,20 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     device = pick_device(tc.device)
     # Every check on the user's config and data has run on every rank: from here on ranks talk.
     joined = init_process_group(world, device)
+    if not world.is_main:  # the libraries' progress bars and notices: rank 0 shows them once
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
     register_attention()
     attn = cfg.model.attn_implementation
     if attn == "auto":
         attn = pick_attn_implementation(device, tc.packing)
     if sharded:  # read in the device's dtype onto the host; FSDP then moves each rank's shard to the device
-        model_cfg = dataclasses.replace(
-            cfg.model, dtype=str(pick_dtype(cfg.model.dtype, device)).split(".")[-1]
+        dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+        model = load_model(
+            model_dir, dataclasses.replace(cfg.model, dtype=dtype), "cpu", attn_implementation=attn
         )
-        model = load_model(model_dir, model_cfg, "cpu", attn_implementation=attn)
     else:
         model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
     model.config.use_cache = False  # a KV cache would let packed documents see each other
@@ -200,6 +211,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     n_matmul = _matmul_params(model)
     if world.size > 1:
         broadcast_trainable([p for p in model.parameters() if p.requires_grad])
+        torch.manual_seed(tc.seed + world.rank)  # LoRA dropout: each rank draws its own masks
     if sharded:
         shard_model(model.get_base_model(), _decoder_layers(model), device, world.size)
 
@@ -252,7 +264,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     start_step = 0
     ckpt_dir = out_dir / "checkpoints"
     if resume:
-        start_step = _load_checkpoint(ckpt_dir, model, optimizer, scheduler)  # every rank reads it
+        start_step = _load_checkpoint(ckpt_dir, model, optimizer, scheduler, sharded)  # on every rank
     data_info: dict = {}
     tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
     if world.is_main:
@@ -260,7 +272,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         data_info = {
             "train_path": dc.train_path,
-            "train_sha256": file_sha256(dc.train_path),
+            "train_sha256": file_sha256(dc.train_path) if _is_file(dc.train_path) else None,
+            # Each source's sha256 (a file) or `datasets` fingerprint, as the reader found it.
+            "sources": read_report.as_dict().get("sources"),
             "read": read_report.as_dict(),
             "eval_read": eval_read.as_dict() if eval_read else None,
             "train": train_report.as_dict(),
@@ -308,6 +322,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         f"model: {cfg.model.name_or_path} on {device} ({next(model.parameters()).dtype}, attention {attn}, "
         f"checkpointing {'on' if use_ckpt else 'off'}, compiled layers {'on' if use_compile else 'off'}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
         f"{total_steps} optimizer steps over {n_epochs} epoch(s)"
+        + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")
     )
     if start_step == 0:
         evaluate_now(0, 0.0, "baseline")
@@ -352,14 +367,16 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                     loss_sum, _ = lm_loss_sum(model, b)
                 (loss_sum / n_labels).backward()
                 loss_total += loss_sum.detach()
-            if sharded:  # FSDP gathers weights inside every forward and backward: all ranks run as many
+            if sharded:
+                # FSDP summed the gradients in each backward (reduce-scatter). It also gathers weights in
+                # every forward and backward, so a rank with fewer micro-batches runs blank ones.
                 for _ in range(math.ceil(len(window) / world.size) - len(micro)):
                     b, _, _ = collate(window[0])
                     with forward_ctx():
                         loss_sum, _ = lm_loss_sum(model, b)
                     (loss_sum * 0.0).backward()  # takes part, adds nothing
             elif world.size > 1:
-                sum_gradients(params)  # FSDP's reduce-scatter already summed; replicas sum here
+                sum_gradients(params)  # replicas: one all-reduce of the LoRA gradients
             if world.size > 1:
                 sum_tensor_(loss_total)
             grad_norm_t = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -384,8 +401,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                     "train/epoch": epoch + (w + 1) / len(windows),
                     "train/tokens_per_s": tps,
                 }
-                if device == "cuda":
-                    row["train/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                row["train/peak_mem_gib"] = _peak_mem_gib(device)
                 if peak_tflops:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
                     row["train/mfu"] = 4 * n_matmul * tps / (peak_tflops * 1e12 * world.size)
                 tracker.log(row, step=step)
@@ -393,8 +409,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                     loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
                 )
                 window_tokens, window_time, window_loss = 0, 0.0, []
-            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps and world.is_main:
-                _save_checkpoint(ckpt_dir, step, model, optimizer, scheduler)
+            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
+                _save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, world, sharded)
             if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps:
                 evaluate_now(step, epoch + (w + 1) / len(windows), f"step {step}")
         if stepped:
@@ -418,7 +434,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             "train_tokens": tokens_seen,
             "tokens_per_s": tokens_seen / max(train_time, 1e-9),
             "steps": step,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "peak_mem_gib": _peak_mem_gib(device),
             "hardware": hardware if world.size == 1 else f"{world.size} processes x {hardware}",
             "versions": _versions(),
             "data": data_info,
@@ -461,6 +477,21 @@ def _default_metrics(task: str) -> list[str]:
     from chattune.metrics import default_metrics
 
     return default_metrics(task)
+
+
+def _is_file(path) -> bool:
+    return isinstance(path, str) and Path(path).is_file()
+
+
+def _peak_mem_gib(device: str) -> float:
+    """Peak GPU memory allocated by torch on CUDA; elsewhere the process's peak resident memory."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _memory_tight(model, micro_tokens: int) -> bool:
@@ -520,24 +551,41 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler) -> None:
-    """Adapter weights + optimizer + scheduler + step, written atomically; the last one is kept."""
+def _save_checkpoint(
+    ckpt_dir: Path, step: int, model, optimizer, scheduler, world: World, sharded: bool
+) -> None:
+    """Adapter weights + optimizer + scheduler + step, written atomically by rank 0; the last one is kept.
+
+    Called on every rank. Sharded (FSDP) weights and optimizer state are first gathered whole (a
+    collective); the LoRA weights are then also kept under their module names for `_load_checkpoint`.
+    """
     import torch
 
+    lora = optim = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        lora = gather_trainable(model)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optim = get_optimizer_state_dict(model, optimizer, options=whole)
+    if not world.is_main:
+        return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=ckpt_dir))
-    model.save_pretrained(tmp / "adapter")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-        tmp / "state.pt",
-    )
+    model.save_pretrained(tmp / "adapter", state_dict=lora)
+    state = {"optimizer": optim if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    state["step"] = step
+    if sharded:
+        state["sharded_lora"] = lora
+    torch.save(state, tmp / "state.pt")
     target = ckpt_dir / f"step-{step:07d}"
     tmp.rename(target)
     for old in sorted(ckpt_dir.glob("step-*"))[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> int:
+def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, sharded: bool) -> int:
+    """The last checkpoint into model, optimizer and scheduler, on every rank; returns its step."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -546,9 +594,26 @@ def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler) -> int:
     if not found:
         raise ChattuneError(f"--resume: no checkpoint in '{ckpt_dir}' (train.save_steps writes them)")
     last = found[-1]
-    set_peft_model_state_dict(model, load_file(str(last / "adapter" / "adapter_model.safetensors")))
     state = torch.load(last / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded != ("sharded_lora" in state):
+        raise ConfigError(
+            "train.distributed",
+            f"--resume: {last} was written by a run {'with' if not sharded else 'without'} train.distributed: "
+            "fsdp over several processes; resume it the same way",
+        )
+    if sharded:  # whole tensors in, each rank keeps its shard
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        whole = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, state["sharded_lora"], options=whole)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=whole)
+    else:
+        set_peft_model_state_dict(model, load_file(str(last / "adapter" / "adapter_model.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _say(f"resuming from {last} (step {state['step']})")
     return int(state["step"])
