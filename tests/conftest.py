@@ -31,28 +31,43 @@ def qwen_tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
-    """A 2-layer Qwen2 model with random (seeded) weights and the real tokenizer, saved as a model dir."""
+def build_tiny_model_dir(out: Path, tokenizer, *, tie_word_embeddings: bool = True) -> Path:
+    """A 2-layer Qwen2 with random (seeded) weights and the real tokenizer, saved as a model directory."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        vocab_size=len(qwen_tokenizer),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=qwen_tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    model = AutoModelForCausalLM.from_config(cfg)
-    out = tmp_path_factory.mktemp("tiny-qwen2")
-    model.save_pretrained(out)
-    qwen_tokenizer.save_pretrained(out)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
+    """The tied-embedding tiny model (as in Qwen2.5-0.5B/1.5B)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2"), qwen_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
+    make generation ~30x slower; restored afterwards so other modules keep their setting."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

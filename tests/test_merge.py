@@ -7,44 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model_dir
 from test_infer import LORA_TARGETS, SYSTEM, make_adapter_dir
 
 from chattune.errors import ChattuneError
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
-    make generation ~30x slower; restored afterwards so other modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def untied_model_dir(tmp_path_factory, qwen_tokenizer) -> Path:
     """Like conftest's tiny model, but with a separate lm_head (as in Qwen2.5-7B)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(qwen_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        eos_token_id=qwen_tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=qwen_tokenizer.pad_token_id,
-        bos_token_id=None,
+    return build_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny-untied"), qwen_tokenizer, tie_word_embeddings=False
     )
-    out = tmp_path_factory.mktemp("tiny-untied")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    qwen_tokenizer.save_pretrained(out)
-    return out
 
 
 def _inputs(tokenizer):

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 from test_infer import SYSTEM, make_adapter_dir
 
 KEY = "sk-test-key"
@@ -26,13 +25,8 @@ HELLO = [{"role": "user", "content": "Hello there!"}]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits
-    make generation ~30x slower; restored afterwards so other modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @contextmanager

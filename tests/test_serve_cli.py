@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from test_infer import SYSTEM, make_adapter_dir
 
 KEY = "sk-cli-key"
@@ -28,11 +27,8 @@ START_TIMEOUT_S = 120  # importing torch and loading the tiny model takes ~5 s; 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _free_port() -> int:
