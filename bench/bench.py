@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import seed_recipe  # noqa: E402
 
+import chattune.loss as chattune_loss  # noqa: E402
 from chattune.attention import pick_attn_implementation, register_attention  # noqa: E402
 from chattune.loss import (  # noqa: E402
     activation_bytes_per_token,
@@ -45,6 +46,7 @@ from chattune.loss import (  # noqa: E402
     checkpointing_needed,
     lm_loss_sum,
 )
+from chattune.offload import HostAdamW, offload_input_embeddings  # noqa: E402
 from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, as in the seed recipe's MFU
@@ -108,30 +110,6 @@ def measure_matmul() -> float:
     return 2 * 8192**3 / ((time.perf_counter() - t) / 30) / 1e12
 
 
-class CpuAdamW:
-    """AdamW whose fp32 master weights and moments live in host memory (memory mode).
-
-    GPU keeps only the LoRA weights and their gradients; each step copies the gradients out,
-    steps on the CPU and copies the weights back. Worth it only with several micro-batches a step.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], lr: float):
-        self.gpu = params
-        self.cpu = [p.detach().to("cpu", copy=True) for p in params]
-        if DEVICE == "cuda":  # pinned: the copy back to the GPU runs asynchronously
-            self.cpu = [c.pin_memory() for c in self.cpu]
-        self.opt = torch.optim.AdamW(self.cpu, lr=lr, foreach=True)
-
-    def step(self) -> None:
-        for c, g in zip(self.cpu, self.gpu, strict=True):
-            c.grad = g.grad.to("cpu", non_blocking=True)
-        sync()
-        self.opt.step()
-        for c, g in zip(self.cpu, self.gpu, strict=True):
-            g.data.copy_(c.data, non_blocking=True)
-            g.grad = None
-
-
 def run_chattune(
     arch: str,
     lengths_path: Path,
@@ -146,6 +124,9 @@ def run_chattune(
     check: bool = True,
     chunk_rows: int | None = None,
     profile: bool = False,
+    fused_ce: bool = True,
+    pin: bool = True,
+    memory_budget: float | None = None,
 ) -> dict:
     from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
@@ -168,17 +149,16 @@ def run_chattune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
-    offload_embed = memory_mode and not cfg.tie_word_embeddings
-    embed = hf.model.embed_tokens
-    if offload_embed:  # the embedding table is a lookup: keep it (1 GiB for 7B) in host memory
-        embed.to("cpu")
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 40
     auto_ckpt = checkpointing_needed(model, budget, free)
     use_ckpt = auto_ckpt if checkpointing == "auto" else checkpointing == "on"
     if use_ckpt:
         # transformers 5.23 renames this activation_checkpointing_enable; 5.17 has only this name.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if memory_mode:  # the trainer's `train.offload`: embedding table and AdamW state in host memory
+        offload_input_embeddings(model, DEVICE)
     model.train()
+    chattune_loss.FUSED_CE = fused_ce
 
     n_steps = (steps + warm) * accumulate
     # A pool 3x what the steps need: the randomly chosen bins then carry the data set's mix of
@@ -196,16 +176,17 @@ def run_chattune(
         raise RuntimeError(f"only {len(plan)} packs for {n_steps} micro-steps")
 
     def to_device(batch: dict) -> dict:
-        out = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if offload_embed:
-            out["inputs_embeds"] = embed(batch["input_ids"]).to(DEVICE, non_blocking=True)
-            del out["input_ids"]
-        return out
+        # Pinned as in the trainer: a pageable copy first waits for the GPU's queue to drain.
+        pinned = pin and DEVICE == "cuda"
+        return {
+            k: (v.pin_memory() if pinned else v).to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
 
     packs = [collate_packed([docs[i] for i in b]) for b in plan]
     real = [int(p["input_ids"].shape[1]) for p in packs]  # packs hold no padding: all tokens are real
     if memory_mode:
-        opt = CpuAdamW(trainable, lr=1e-4)
+        opt = HostAdamW(trainable, lr=1e-4)
     else:
         opt = torch.optim.AdamW(trainable, lr=1e-4, fused=DEVICE == "cuda")
 
@@ -218,6 +199,9 @@ def run_chattune(
         checkpointing=use_ckpt,
         compile=compile_layers,
         memory_mode=memory_mode,
+        fused_ce=fused_ce,
+        pinned=pin,
+        memory_budget=memory_budget,
         lora_params_m=round(n_trainable / 1e6, 1),
         auto_checkpointing=auto_ckpt,
         free_gib_after_load=round(free / 2**30, 1),
@@ -241,6 +225,11 @@ def run_chattune(
     compile_layers = compile_layers and not use_ckpt
     res["compile"] = compile_layers
     if compile_layers:
+        import torch._functorch.config as functorch_config
+
+        # < 1: the partitioner recomputes cheap ops in the backward instead of saving their outputs.
+        functorch_config.activation_memory_budget = 1.0 if memory_budget is None else memory_budget
+        torch._dynamo.reset()  # compile afresh under this budget
         for layer in hf.model.layers:
             layer.compile(dynamic=True)
 
@@ -259,8 +248,7 @@ def run_chattune(
         sync()
         t = time.perf_counter()
         opt.step()
-        if not memory_mode:
-            opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         sync()
         opt_times.append(time.perf_counter() - t)
         return loss_sum.detach() / max(counts[-1], 1)
@@ -298,6 +286,7 @@ def run_chattune(
                 sort_by="self_device_time_total", row_limit=25, max_name_column_width=70
             )
             print(f"PROFILE {arch} budget {budget}\n{table}", flush=True)
+            print(gap_report(prof), flush=True)
         except Exception as exc:
             log(f"profile failed: {exc}")
     if DEVICE == "cuda":
@@ -305,9 +294,38 @@ def run_chattune(
         res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         res["static_gib"] = round(static / 2**30, 2)  # weights + LoRA before the first step
     # Drop the last references (the step closure holds some) before freeing the cache.
-    model = hf = embed = opt = trainable = packs = train_step = None
+    model = hf = opt = trainable = packs = train_step = None
     free_memory()
     return res
+
+
+def gap_report(prof, top: int = 12) -> str:
+    """Where the GPU sat idle during the profiled step: the gaps between kernels, largest first."""
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not kernels:
+        return "GAPS: no kernels"
+    t0, busy, gaps, end = kernels[0][0], 0.0, [], kernels[0][0]
+    prev_name = ""
+    for s, e, name in kernels:
+        if s > end:
+            gaps.append((s - end, (end - t0) / 1e3, prev_name[:50], name[:50]))
+        busy += max(0.0, e - max(s, end))
+        if e > end:
+            end, prev_name = e, name
+    span = end - t0
+    lines = [
+        f"GAPS: span {span / 1e3:.1f} ms, kernels busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms"
+    ]
+    lines.append(
+        f"  gaps > 50 us: {sum(1 for g in gaps if g[0] > 50)}, total {sum(g[0] for g in gaps) / 1e3:.1f} ms"
+    )
+    for g, at, before, after in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {g / 1e3:7.2f} ms at {at:8.1f} ms  after {before!r} before {after!r}")
+    return "\n".join(lines)
 
 
 def run_seed(arch: str, lengths_path: Path, steps: int, warm: int, bs: int = 4, ga: int = 4) -> dict:
@@ -344,6 +362,80 @@ PLANS = {
                 memory_mode=True,
                 checkpointing="on",
                 accumulate=2,
+                check=False,
+            ),
+        ),
+    ],
+    # What each change of this session buys, one variable at a time (H200, 2026-11-30).
+    "explore": [
+        (
+            "0.5b/before",
+            "chattune",
+            dict(
+                arch="qwen2.5-0.5b",
+                budget=32768,
+                steps=8,
+                warm=2,
+                compile_layers=True,
+                check=False,
+                fused_ce=False,
+                pin=False,
+            ),
+        ),
+        (
+            "0.5b/fused-ce-pinned",
+            "chattune",
+            dict(arch="qwen2.5-0.5b", budget=32768, steps=8, warm=2, compile_layers=True, profile=True),
+        ),
+        (
+            "0.5b/65536",
+            "chattune",
+            dict(arch="qwen2.5-0.5b", budget=65536, steps=6, warm=2, compile_layers=True, check=False),
+        ),
+        (
+            "7b/4096",
+            "chattune",
+            dict(arch="qwen2.5-7b", budget=4096, steps=10, warm=3, compile_layers=True, profile=True),
+        ),
+        (
+            "7b/8192-budget0.5",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=8192,
+                steps=6,
+                warm=2,
+                compile_layers=True,
+                check=False,
+                checkpointing="off",
+                memory_budget=0.5,
+            ),
+        ),
+        (
+            "7b/memory-4096",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=4096,
+                steps=3,
+                warm=1,
+                memory_mode=True,
+                checkpointing="on",
+                accumulate=4,
+                check=False,
+            ),
+        ),
+        (
+            "7b/memory-2048",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=2048,
+                steps=2,
+                warm=1,
+                memory_mode=True,
+                checkpointing="on",
+                accumulate=8,
                 check=False,
             ),
         ),

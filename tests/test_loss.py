@@ -183,9 +183,9 @@ def test_ce_chunk_and_grad_equals_autograd(dtype):
 @pytest.mark.parametrize("tied", [True, False])
 def test_fused_ce_branch_equals_eager(tiny_model_dir, monkeypatch, tied):
     """The branch the GPU takes (fused chunk math) gives the eager loop's loss and gradients."""
-    import chattune.loss as loss_mod
-
     from transformers import AutoModelForCausalLM
+
+    import chattune.loss as loss_mod
 
     def run(fused):
         monkeypatch.setattr(loss_mod, "_fused_ce_chunk", lambda device_type: fused)

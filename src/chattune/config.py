@@ -159,7 +159,12 @@ class TrainConfig:
     """Evaluate every N optimizer steps in addition to the end of each epoch."""
     seed: int = 42
     checkpointing: Literal["auto", "on", "off"] = "auto"
-    """Activation checkpointing: `auto` turns it on only when memory is short (never on CPU)."""
+    """Activation checkpointing: `auto` turns it on only when memory is short (never on CPU), and with
+    `offload`."""
+    offload: bool = False
+    """Memory mode (CUDA, one process): AdamW's state and the input embedding table (untied models) live in
+    host memory and checkpointing is on unless set `off`; Qwen2.5-7B LoRA r 64 then trains in under 16 GiB
+    (with `pack_tokens` 2048-4096). Slower: see bench/RESULTS.md."""
     packing: bool = False
     """Pack examples into rows of `pack_tokens` tokens (documents never attend to each other)."""
     pack_tokens: int = 4096

@@ -116,6 +116,10 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     sharded = world.size > 1 and tc.distributed == "fsdp"
     if world.size > 1:
         check_launch(os.environ, tc.distributed)
+        if tc.offload:
+            raise ConfigError(
+                "train.offload", "memory mode runs in one process; set it false with several GPUs"
+            )
     out_dir = Path(tc.output_dir)
     # On every rank, like every check below: a rank failing alone would leave the others waiting.
     _check_output_dir(out_dir, resume)
@@ -164,6 +168,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     from chattune.attention import pick_attn_implementation, register_attention
     from chattune.loss import add_target_index, lm_loss_sum
+    from chattune.offload import embeddings_on_device
     from chattune.packing import build_batches, collate_packed, collate_padded
 
     torch.manual_seed(tc.seed)
@@ -190,12 +195,20 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     model = add_lora(model, cfg.lora)
     # The largest micro-batch in tokens: what activation memory scales with.
     micro_tokens = tc.pack_tokens if tc.packing else tc.micro_batch_size * dc.max_len
+    offload = tc.offload and device == "cuda"  # on the CPU everything is in host memory already
     use_ckpt = tc.checkpointing == "on" or (
-        tc.checkpointing == "auto" and device == "cuda" and _memory_tight(model, micro_tokens)
+        tc.checkpointing == "auto" and device == "cuda" and (offload or _memory_tight(model, micro_tokens))
     )
     if use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    if offload:
+        from chattune.offload import offload_input_embeddings
+
+        if not offload_input_embeddings(model, device):
+            _say(
+                "note: train.offload: the embedding table is tied to the output head, so it stays on the GPU"
+            )
     # Regional compilation: one decoder layer's code, reused by every layer. Not under checkpointing:
     # non-reentrant checkpoints around compiled layers failed to recompute identically on an H100.
     # `auto` only for packs: padded batches change width every step and would recompile again and again
@@ -234,7 +247,12 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             "processes, so some of them idle for part of every step; a multiple keeps all of them busy"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device == "cuda")
+    if offload:
+        from chattune.offload import HostAdamW
+
+        optimizer = HostAdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device == "cuda")
     scheduler = get_scheduler(
         tc.lr_schedule,
         optimizer,
@@ -251,7 +269,12 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         batch = add_target_index(batch)  # on the host: the loss then needs no GPU sync
         n_targets = int(batch["target_index"].numel())
         n_real = sum(len(e["input_ids"]) for e in chunk)
-        on_device = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+        # Pinned: a copy from pageable memory would first wait for the GPU to drain its queue.
+        pin = device == "cuda"
+        on_device = {
+            k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if hasattr(v, "to") else v
+            for k, v in batch.items()
+        }
         return on_device, n_targets, n_real
 
     def forward_ctx() -> contextlib.AbstractContextManager:
@@ -307,6 +330,10 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         # rank runs the same forwards (each one gathers the weights), and only rank 0's tracker records.
         if not (world.is_main or sharded):
             return
+        with embeddings_on_device(model):  # memory mode: generation wants the whole model on the GPU
+            _evaluate(step, epoch, tag)
+
+    def _evaluate(step: int, epoch: float, tag: str) -> None:
         row: dict = {"epoch": epoch, "tag": tag}
         if cfg.eval.loss and eval_ex:
             row["eval/loss"] = eval_loss(model, eval_ex, pad_id, cfg.eval.batch_size)
@@ -325,7 +352,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     _say(
         f"model: {cfg.model.name_or_path} on {device} ({next(model.parameters()).dtype}, attention {attn}, "
-        f"checkpointing {'on' if use_ckpt else 'off'}, compiled layers {'on' if use_compile else 'off'}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
+        f"checkpointing {'on' if use_ckpt else 'off'}, compiled layers {'on' if use_compile else 'off'}"
+        f"{', memory mode (offload)' if offload else ''}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
         f"{total_steps} optimizer steps over {n_epochs} epoch(s)"
         + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")
     )
