@@ -152,7 +152,9 @@ def run_chattune(
     free = torch.cuda.mem_get_info()[0] if DEVICE == "cuda" else 1 << 40
     auto_ckpt = checkpointing_needed(model, budget, free)
     use_ckpt = auto_ckpt if checkpointing == "auto" else checkpointing == "on"
-    if use_ckpt:
+    if use_ckpt and compile_layers:  # as the trainer: the compiler recomputes (memory budget 0)
+        memory_budget = 0.0
+    elif use_ckpt:
         # transformers 5.23 renames this activation_checkpointing_enable; 5.17 has only this name.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if memory_mode:  # the trainer's `train.offload`: embedding table and AdamW state in host memory
@@ -219,11 +221,10 @@ def run_chattune(
             res["check_separate"] = round(sum(s.item() for s, _ in alone) / sum(k for _, k in alone), 5)
         model.train()
         log(f"check: packed {res['check_packed']} vs one by one {res['check_separate']}")
-    # Regional compilation: one decoder layer compiled, the code reused by all layers. Not with
-    # checkpointing: transformers' non-reentrant checkpoint around compiled layers failed on the
-    # H100 run (CheckpointError: recomputed tensors differ from the saved ones; Qwen2.5-14B).
-    compile_layers = compile_layers and not use_ckpt
-    res["compile"] = compile_layers
+    # Regional compilation: one decoder layer compiled, the code reused by all layers. With
+    # checkpointing the compiler recomputes (budget 0): transformers' non-reentrant checkpoint around
+    # compiled layers failed on an H100 (CheckpointError: recomputed tensors differ; Qwen2.5-14B).
+    res["memory_budget"] = memory_budget
     if compile_layers:
         import torch._functorch.config as functorch_config
 
@@ -235,7 +236,7 @@ def run_chattune(
 
     free_memory()
     static = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
-    times, opt_times = [], []
+    times = []
 
     def train_step(step: int) -> torch.Tensor:
         cpu_micro = packs[step * accumulate : (step + 1) * accumulate]
@@ -245,12 +246,10 @@ def run_chattune(
             with autocast, disable_input_dtype_casting(model):
                 loss_sum, _ = lm_loss_sum(model, m, chunk_rows)
             (loss_sum / sum(counts)).backward()
-        sync()
-        t = time.perf_counter()
+        # As in the trainer: no sync between the backward and the optimizer (one would idle the GPU
+        # while the host queues the step; the 2026-11-24 runs had one here to time the optimizer).
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
-        opt_times.append(time.perf_counter() - t)
         return loss_sum.detach() / max(counts[-1], 1)
 
     for step in range(steps + warm):
@@ -272,7 +271,6 @@ def run_chattune(
         matmul_params_b=round(mm / 1e9, 2),
         mean_len=round(sum(real) / sum(len(b) for b in plan), 1),
         first_step_s=round(times[0], 1),
-        opt_step_s=round(sum(opt_times[warm:]) / steps, 4),
     )
     if profile and DEVICE == "cuda":  # one more step under the profiler: where the time goes
         from torch.profiler import ProfilerActivity
@@ -460,18 +458,18 @@ PLANS = {
                 checkpointing="off",
             ),
         ),
-        ("7b/chattune-eager", "chattune", dict(arch="qwen2.5-7b", budget=4096, steps=8, warm=2, check=False)),
         (
             "7b/memory",
             "chattune",
             dict(
                 arch="qwen2.5-7b",
-                budget=1024,
+                budget=4096,
                 steps=3,
                 warm=1,
                 memory_mode=True,
                 checkpointing="on",
-                accumulate=16,
+                compile_layers=True,
+                accumulate=4,
                 check=False,
                 chunk_rows=256,
             ),
@@ -480,12 +478,12 @@ PLANS = {
         (
             "0.5b/chattune",
             "chattune",
-            dict(arch="qwen2.5-0.5b", budget=16384, steps=12, warm=3, compile_layers=True, profile=True),
+            dict(arch="qwen2.5-0.5b", budget=32768, steps=10, warm=3, compile_layers=True, profile=True),
         ),
         (
-            "0.5b/chattune-32768",
+            "0.5b/chattune-65536",
             "chattune",
-            dict(arch="qwen2.5-0.5b", budget=32768, steps=8, warm=2, compile_layers=True, check=False),
+            dict(arch="qwen2.5-0.5b", budget=65536, steps=6, warm=2, compile_layers=True, check=False),
         ),
         ("1.5b/tutorial", "seed", dict(arch="qwen2.5-1.5b", steps=10, warm=2)),
         (
@@ -498,6 +496,21 @@ PLANS = {
             "14b/chattune",
             "chattune",
             dict(arch="qwen2.5-14b", budget=4096, steps=8, warm=3, compile_layers=True, check=False),
+        ),
+        (
+            "7b/memory-eager",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=2048,
+                steps=2,
+                warm=1,
+                memory_mode=True,
+                checkpointing="on",
+                accumulate=8,
+                check=False,
+                chunk_rows=256,
+            ),
         ),
     ],
 }

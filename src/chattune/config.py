@@ -170,8 +170,9 @@ class TrainConfig:
     pack_tokens: int = 4096
     """Tokens per packed micro-batch (with `packing`); the GPU's matrix units want thousands."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """`torch.compile` each decoder layer (regional compilation). `auto`: on CUDA for packed batches when
-    checkpointing is off (padded batches change shape every step and would keep recompiling)."""
+    """`torch.compile` each decoder layer (regional compilation). `auto`: on CUDA for packed batches (padded
+    batches change shape every step and would keep recompiling). With checkpointing, the compiler does the
+    recomputation (activation memory budget 0) instead of transformers' checkpoint wrapper."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
     distributed: Literal["ddp", "fsdp"] = "ddp"

@@ -199,9 +199,25 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     use_ckpt = tc.checkpointing == "on" or (
         tc.checkpointing == "auto" and device == "cuda" and (offload or _memory_tight(model, micro_tokens))
     )
-    if use_ckpt:
+    # Regional compilation: one decoder layer's code, reused by every layer. `auto` only for packs:
+    # padded batches change width every step and would recompile again and again (an H100,
+    # Qwen2.5-0.5B, one padded epoch of huanhuan: 1.7k tokens/s over the run with compilation, against
+    # 2.3k for the tutorial's eager recipe).
+    use_compile = tc.compile == "on" or (tc.compile == "auto" and device == "cuda" and tc.packing)
+    if use_ckpt and use_compile:
+        # Checkpointing by the compiler: with a memory budget of 0 the partitioner saves only each
+        # compiled layer's inputs and recomputes the rest in the backward (what checkpointing does,
+        # fused). transformers' own checkpoint wrapped around compiled layers failed to recompute
+        # identically on an H100 (Qwen2.5-14B), so it is used only for eager layers.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = 0.0
+    elif use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    if use_compile:
+        for layer in _decoder_layers(model):
+            layer.compile(dynamic=True)
     if offload:
         from chattune.offload import offload_input_embeddings
 
@@ -209,17 +225,6 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             _say(
                 "note: train.offload: the embedding table is tied to the output head, so it stays on the GPU"
             )
-    # Regional compilation: one decoder layer's code, reused by every layer. Not under checkpointing:
-    # non-reentrant checkpoints around compiled layers failed to recompute identically on an H100.
-    # `auto` only for packs: padded batches change width every step and would recompile again and again
-    # (an H100, Qwen2.5-0.5B, one padded epoch of huanhuan: 1.7k tokens/s over the run with compilation,
-    # against 2.3k for the tutorial's eager recipe).
-    use_compile = tc.compile == "on" or (
-        tc.compile == "auto" and device == "cuda" and tc.packing and not use_ckpt
-    )
-    if use_compile:
-        for layer in _decoder_layers(model):
-            layer.compile(dynamic=True)
     # Half-precision base weights with fp32 LoRA weights (peft's default): autocast runs the LoRA
     # matmuls in bf16 too, and peft's own input casting (an extra copy per LoRA layer) is turned off.
     compute_dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
@@ -260,6 +265,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         num_training_steps=total_steps,
     )
     pad_id = tokenizer.pad_token_id
+    ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
 
     def collate(idx: list[int]) -> tuple[dict, int, int]:
         """A micro-batch on the device, with its target and real-token counts taken on the host (no sync)."""
@@ -397,7 +403,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             loss_total = torch.zeros((), device=device)  # summed on the device: one host sync a step
             for b, _, _ in micro:
                 with forward_ctx():
-                    loss_sum, _ = lm_loss_sum(model, b)
+                    loss_sum, _ = lm_loss_sum(model, b, ce_chunk_rows)
                 (loss_sum / n_labels).backward()
                 loss_total += loss_sum.detach()
             if sharded:
@@ -488,6 +494,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         _say(
             f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}"
         )
+    if use_ckpt and use_compile:
+        functorch_config.activation_memory_budget = 1.0  # the default, for whatever runs next here
     end_process_group(joined)  # every rank returns once the adapter is written
     return out_dir
 
