@@ -11,9 +11,9 @@ chosen by chattune.loss.checkpointing_needed. Both see the same real (prompt, re
 and the speed-up, and writes bench/results.json (and $OUT/results.json when --out is given).
 
   PYTHONPATH=src python bench/bench.py --tiny                 # CPU smoke run, seconds
-  PYTHONPATH=src python bench/bench.py --plan full --out $OUT # one H100, ~9 minutes
+  PYTHONPATH=src python bench/bench.py --plan full --out $OUT # one H100/H200, ~7.5 minutes
 
-Imports only torch/transformers/peft and chattune.{packing,attention,loss}: the GPU image has no
+Imports only torch/transformers/peft and chattune.{packing,attention,loss,offload}: the GPU image has no
 network and none of chattune's other dependencies.
 """
 
@@ -470,6 +470,22 @@ PLANS = {
                 checkpointing="on",
                 compile_layers=True,
                 accumulate=4,
+                check=False,
+                chunk_rows=256,
+            ),
+        ),
+        (
+            "7b/memory-2048",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=2048,
+                steps=3,
+                warm=1,
+                memory_mode=True,
+                checkpointing="on",
+                compile_layers=True,
+                accumulate=8,
                 check=False,
                 chunk_rows=256,
             ),

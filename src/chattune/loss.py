@@ -153,20 +153,6 @@ def add_target_index(batch: dict) -> dict:
     return {**batch, "target_index": (targets != IGNORE_INDEX).nonzero().squeeze(1)}
 
 
-# Backbones whose forward takes a ready {layer type: mask} mapping (transformers 5.x Qwen2/Qwen3 families).
-_MASK_MAPPING_MODELS = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
-
-
-def _takes_mask_mapping(config) -> bool:
-    from chattune.attention import VARLEN
-
-    return (
-        getattr(config, "_attn_implementation", None) == VARLEN
-        and config.model_type in _MASK_MAPPING_MODELS
-        and bool(getattr(config, "layer_types", None))
-    )
-
-
 def lm_loss_sum(model: nn.Module, batch: dict, chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token cross-entropy over targeted positions as a 0-d fp32 tensor, their count).
 
@@ -178,11 +164,6 @@ def lm_loss_sum(model: nn.Module, batch: dict, chunk_rows: int | None = None) ->
     hf, backbone, head = _unwrap(model)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
-    if "cu_seq_lens_q" in inputs and "attention_mask" not in inputs and _takes_mask_mapping(hf.config):
-        # Packed rows under chattune_varlen need no mask, and handing the model "no mask for any layer
-        # type" skips transformers' packed-sequence detection, whose `.all()` waits for the GPU to
-        # drain at every forward (seen in bench's gap report: the next forward then starts host-bound).
-        inputs["attention_mask"] = {kind: None for kind in set(hf.config.layer_types)}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     # Position t predicts label t+1; keep only positions whose next label is a target.
     targets = labels[:, 1:].reshape(-1)
