@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ from chattune.loss import (  # noqa: E402
     checkpointing_needed,
     lm_loss_sum,
 )
+
+SKIPS_MASK_BUILDING = chattune_loss._skips_mask_building
 from chattune.offload import HostAdamW, offload_input_embeddings  # noqa: E402
 from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens  # noqa: E402
 
@@ -53,6 +57,7 @@ PEAK_FLOPS = 989e12  # H100 SXM dense bf16, as in the seed recipe's MFU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 T_START = time.perf_counter()
+TRACE_DIR: Path | None = None  # --trace-dir: profiled cases export a gzipped chrome trace there
 # The seed recipe's architectures, plus an untied toy to smoke-test the embedding offload on CPU.
 ARCH = {**seed_recipe.ARCH, "tiny-untied": {**seed_recipe.ARCH["tiny"], "tie_word_embeddings": False}}
 
@@ -127,6 +132,10 @@ def run_chattune(
     fused_ce: bool = True,
     pin: bool = True,
     memory_budget: float | None = None,
+    timing: str = "pipelined",
+    stance: bool = False,
+    mask_skip: bool = True,
+    gc_freeze: bool = False,
 ) -> dict:
     from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
@@ -161,6 +170,8 @@ def run_chattune(
         offload_input_embeddings(model, DEVICE)
     model.train()
     chattune_loss.FUSED_CE = fused_ce
+    # mask_skip=False: transformers builds (and first detects) the packed-sequence mask, as before 2026-11-30 (b).
+    chattune_loss._skips_mask_building = SKIPS_MASK_BUILDING if mask_skip else (lambda config: False)
 
     n_steps = (steps + warm) * accumulate
     # A pool 3x what the steps need: the randomly chosen bins then carry the data set's mix of
@@ -252,14 +263,37 @@ def run_chattune(
         opt.zero_grad(set_to_none=True)
         return loss_sum.detach() / max(counts[-1], 1)
 
-    for step in range(steps + warm):
+    # Warm-up steps (compilation) are timed one by one. The timed steps then run back to back with
+    # one sync before and one after ("pipelined", as the trainer runs between its logging steps):
+    # the host prepares step n+1 while the GPU finishes step n. "per-step" syncs around every step,
+    # as the 2026-11-24 .. 2026-11-30 runs did, which leaves the GPU idle during each step's prologue.
+    for step in range(warm):
         sync()
         t = time.perf_counter()
         loss = train_step(step)
         sync()
         times.append(time.perf_counter() - t)
-        if step < warm or step == steps + warm - 1:
-            log(f"  step {step}: {times[-1]:.3f}s loss {loss.item():.3f}")
+        log(f"  step {step}: {times[-1]:.3f}s loss {loss.item():.3f}")
+    if gc_freeze:  # the objects of the setup leave the collector's generations (bench-only experiment)
+        gc.collect()
+        gc.freeze()
+    if stance:  # guards are skipped once every graph exists (bench-only experiment)
+        torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    if timing == "pipelined":
+        sync()
+        t = time.perf_counter()
+        for step in range(warm, steps + warm):
+            loss = train_step(step)
+        sync()
+        times += [(time.perf_counter() - t) / steps] * steps
+    else:
+        for step in range(warm, steps + warm):
+            sync()
+            t = time.perf_counter()
+            loss = train_step(step)
+            sync()
+            times.append(time.perf_counter() - t)
+    log(f"  timed steps ({timing}): {sum(times[warm:]) / steps:.3f}s each, last loss {loss.item():.3f}")
     t_timed = sum(times[warm:])
     tokens = sum(real[warm * accumulate :])
     mm = matmul_params(model, cfg)
@@ -271,22 +305,38 @@ def run_chattune(
         matmul_params_b=round(mm / 1e9, 2),
         mean_len=round(sum(real) / sum(len(b) for b in plan), 1),
         first_step_s=round(times[0], 1),
+        timing=timing,
+        stance=stance,
+        mask_skip=mask_skip,
+        gc_freeze=gc_freeze,
     )
     if profile and DEVICE == "cuda":  # one more step under the profiler: where the time goes
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        try:
+        try:  # two steps back to back, as timed: the gap between them shows too
+            sync()
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 train_step(warm)
-            sync()
+                train_step(warm + 1)
+                sync()
             table = prof.key_averages().table(
                 sort_by="self_device_time_total", row_limit=25, max_name_column_width=70
             )
-            print(f"PROFILE {arch} budget {budget}\n{table}", flush=True)
+            print(f"PROFILE {arch} budget {budget} (2 steps)\n{table}", flush=True)
             print(gap_report(prof), flush=True)
+            if TRACE_DIR is not None:  # for bench/trace_gaps.py: which host work each gap waited on
+                path = TRACE_DIR / f"trace-{arch}-{budget}.json"
+                prof.export_chrome_trace(str(path))
+                with open(path, "rb") as f_in, gzip.open(f"{path}.gz", "wb") as f_out:
+                    shutil.copyfileobj(f_in, f_out)
+                path.unlink()
         except Exception as exc:
             log(f"profile failed: {exc}")
+    if stance:
+        torch.compiler.set_stance("default")
+    if gc_freeze:
+        gc.unfreeze()
     if DEVICE == "cuda":
         res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         res["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -438,12 +488,93 @@ PLANS = {
             ),
         ),
     ],
+    # Second H200 call of 2026-11-30 (b): timing the steps back to back instead of syncing around
+    # each one, skipping dynamo's guards, and pack sizes between 4,096 and 8,192 for the 40 GiB target.
+    "overlap": [
+        (
+            "7b/4096-per-step",
+            "chattune",
+            dict(arch="qwen2.5-7b", budget=4096, steps=10, warm=3, compile_layers=True, timing="per-step"),
+        ),
+        (
+            "7b/4096",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=4096,
+                steps=12,
+                warm=2,
+                compile_layers=True,
+                profile=True,
+                check=False,
+            ),
+        ),
+        (
+            "7b/4096-stance",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=4096,
+                steps=12,
+                warm=2,
+                compile_layers=True,
+                stance=True,
+                check=False,
+            ),
+        ),
+        (
+            "7b/5120",
+            "chattune",
+            dict(arch="qwen2.5-7b", budget=5120, steps=10, warm=2, compile_layers=True, check=False),
+        ),
+        (
+            "7b/6144",
+            "chattune",
+            dict(arch="qwen2.5-7b", budget=6144, steps=8, warm=2, compile_layers=True, check=False),
+        ),
+        (
+            "7b/8192",
+            "chattune",
+            dict(arch="qwen2.5-7b", budget=8192, steps=8, warm=2, compile_layers=True, check=False),
+        ),
+        (
+            "0.5b/32768",
+            "chattune",
+            dict(arch="qwen2.5-0.5b", budget=32768, steps=10, warm=2, compile_layers=True, check=False),
+        ),
+    ],
     "full": [
         ("7b/tutorial", "seed", dict(arch="qwen2.5-7b", steps=10, warm=2)),
         (
             "7b/chattune",
             "chattune",
             dict(arch="qwen2.5-7b", budget=4096, steps=12, warm=3, compile_layers=True, profile=True),
+        ),
+        (  # A/B: transformers detects packed documents itself (its .all() syncs every forward)
+            "7b/chattune-no-mask-skip",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=4096,
+                steps=12,
+                warm=2,
+                compile_layers=True,
+                check=False,
+                mask_skip=False,
+            ),
+        ),
+        (
+            "7b/chattune-gc-freeze",
+            "chattune",
+            dict(
+                arch="qwen2.5-7b",
+                budget=4096,
+                steps=12,
+                warm=2,
+                compile_layers=True,
+                check=False,
+                gc_freeze=True,
+            ),
         ),
         (
             "7b/chattune-8192",
@@ -544,7 +675,10 @@ def main() -> None:
         "--deadline", type=float, default=540.0, help="skip cases starting after this many seconds"
     )
     ap.add_argument("--out", default=None, help="also write results.json here")
+    ap.add_argument("--trace-dir", default=None, help="write gzipped profiler traces of profiled cases here")
     a = ap.parse_args()
+    global TRACE_DIR
+    TRACE_DIR = Path(a.trace_dir) if a.trace_dir else None
     plan = PLANS[a.plan or ("tiny" if a.tiny else "full")]
     if a.only:
         keep = set(a.only.split(","))

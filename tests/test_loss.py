@@ -108,6 +108,38 @@ def test_packed_equals_one_by_one(tiny_model_dir, attn):
         _assert_grad_close(g_packed[name], g_single[name])
 
 
+def test_packed_varlen_skips_transformers_mask_building(tiny_model_dir, monkeypatch):
+    """Packed + chattune_varlen: no packed-sequence detection (a GPU sync), and the same loss and grads."""
+    import transformers.masking_utils as mu
+
+    import chattune.loss as loss_mod
+
+    model = _load(tiny_model_dir, VARLEN)
+    packed = collate_packed(_docs())
+    want, _ = lm_loss_sum(model, packed)  # through the mapping
+    want.backward()
+    g_want = _lora_grads(model)
+    model.zero_grad()
+
+    def detection_called(*a, **k):
+        raise AssertionError("transformers looked for packed sequences (a host sync on the GPU)")
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", detection_called)
+    with pytest.raises(AssertionError, match="looked for packed"):  # the check bites without the skip
+        with monkeypatch.context() as m:
+            m.setattr(loss_mod, "_skips_mask_building", lambda config: False)
+            lm_loss_sum(model, packed)
+    got, _ = lm_loss_sum(model, packed)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for name, g in _lora_grads(model).items():
+        _assert_grad_close(g, g_want[name])
+    # And without the skip (detection allowed again), the loss is the same.
+    monkeypatch.undo()
+    monkeypatch.setattr(loss_mod, "_skips_mask_building", lambda config: False)
+    torch.testing.assert_close(lm_loss_sum(model, packed)[0], want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", VARLEN])
 def test_lm_loss_sum_matches_model_loss_on_padded_batch(tiny_model_dir, attn):
     model = _load(tiny_model_dir, attn)

@@ -153,6 +153,22 @@ def add_target_index(batch: dict) -> dict:
     return {**batch, "target_index": (targets != IGNORE_INDEX).nonzero().squeeze(1)}
 
 
+# transformers 5.x backbones whose forward takes a ready {layer type: mask} mapping as `attention_mask`
+# (`isinstance(causal_mask_mapping := attention_mask, dict)` in their forward). Llama and ERNIE-4.5 do not.
+_MASK_MAPPING_MODELS = frozenset({"qwen2", "qwen3", "qwen2_moe"})
+
+
+def _skips_mask_building(config) -> bool:
+    """Whether a packed batch can hand this model "no mask for any layer type" (see lm_loss_sum)."""
+    from chattune.attention import VARLEN
+
+    return (
+        getattr(config, "_attn_implementation", None) == VARLEN
+        and config.model_type in _MASK_MAPPING_MODELS
+        and bool(getattr(config, "layer_types", None))
+    )
+
+
 def lm_loss_sum(model: nn.Module, batch: dict, chunk_rows: int | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token cross-entropy over targeted positions as a 0-d fp32 tensor, their count).
 
@@ -164,6 +180,11 @@ def lm_loss_sum(model: nn.Module, batch: dict, chunk_rows: int | None = None) ->
     hf, backbone, head = _unwrap(model)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "target_index")}
+    if "cu_seq_lens_q" in inputs and inputs.get("attention_mask") is None and _skips_mask_building(hf.config):
+        # A packed row under chattune_varlen needs no mask. Left to build one, transformers first looks for
+        # packed documents in position_ids, and its `.all()` makes the host wait for the GPU at every
+        # forward (bench/trace_gaps.py: `aten::is_nonzero > aten::item`, then ~1.5 ms of GPU idle).
+        inputs["attention_mask"] = {kind: None for kind in set(hf.config.layer_types)}
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     # Position t predicts label t+1; keep only positions whose next label is a target.
     targets = labels[:, 1:].reshape(-1)
