@@ -24,6 +24,7 @@ import gc
 import gzip
 import json
 import os
+import platform
 import random
 import shutil
 import sys
@@ -135,7 +136,7 @@ def run_chattune(
     timing: str = "pipelined",
     stance: bool = False,
     mask_skip: bool = True,
-    gc_freeze: bool = False,
+    gc_freeze: bool = True,
 ) -> dict:
     from peft import LoraConfig, get_peft_model
     from peft.helpers import disable_input_dtype_casting
@@ -274,7 +275,7 @@ def run_chattune(
         sync()
         times.append(time.perf_counter() - t)
         log(f"  step {step}: {times[-1]:.3f}s loss {loss.item():.3f}")
-    if gc_freeze:  # the objects of the setup leave the collector's generations (bench-only experiment)
+    if gc_freeze:  # as the trainer: the setup's objects leave the collector's generations
         gc.collect()
         gc.freeze()
     if stance:  # guards are skipped once every graph exists (bench-only experiment)
@@ -550,30 +551,30 @@ PLANS = {
             "chattune",
             dict(arch="qwen2.5-7b", budget=4096, steps=12, warm=3, compile_layers=True, profile=True),
         ),
-        (  # A/B: transformers detects packed documents itself (its .all() syncs every forward)
+        (  # A/B, same packs: transformers detects packed documents itself (its .all() syncs every forward)
             "7b/chattune-no-mask-skip",
             "chattune",
             dict(
                 arch="qwen2.5-7b",
                 budget=4096,
                 steps=12,
-                warm=2,
+                warm=3,
                 compile_layers=True,
                 check=False,
                 mask_skip=False,
             ),
         ),
-        (
-            "7b/chattune-gc-freeze",
+        (  # A/B, same packs: the garbage collector scans every object (no gc.freeze)
+            "7b/chattune-no-gc-freeze",
             "chattune",
             dict(
                 arch="qwen2.5-7b",
                 budget=4096,
                 steps=12,
-                warm=2,
+                warm=3,
                 compile_layers=True,
                 check=False,
-                gc_freeze=True,
+                gc_freeze=False,
             ),
         ),
         (
@@ -695,6 +696,12 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d"),
         lengths=Path(a.lengths).name,
     )
+    cpu = (
+        [line for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        if os.path.exists("/proc/cpuinfo")
+        else []
+    )
+    env["host_cpu"] = f"{cpu[0].split(':', 1)[1].strip()} x {len(cpu)}" if cpu else platform.processor()
     if DEVICE == "cuda":
         env["matmul_tflops_8192"] = round(measure_matmul())
         env["attn_for_packing"] = pick_attn_implementation("cuda", packing=True)

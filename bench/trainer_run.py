@@ -67,6 +67,12 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO / "data" / "huanhuan" / "huanhuan.json"))
     ap.add_argument("--out", default="/tmp/chattune-bench-out")
     ap.add_argument("--name", default=None, help="run name (default: the arch)")
+    ap.add_argument(
+        "--records",
+        type=int,
+        default=0,
+        help="repeat the data file's records up to this many (a workload's size)",
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
@@ -78,10 +84,17 @@ def main() -> None:
     t_model = time.perf_counter() - t0
     out = Path(a.out) / (a.name or a.arch)
     shutil.rmtree(out, ignore_errors=True)
+    data = a.data
+    if a.records:  # e.g. the legal tutorial's 4,995 records from the bundled 241 (speed only: repeats kept)
+        rows = json.loads(Path(a.data).read_text(encoding="utf-8"))
+        data = str(Path(a.out) / f"{Path(a.data).stem}-x{a.records}.json")
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        repeated = [rows[i % len(rows)] for i in range(a.records)]
+        Path(data).write_text(json.dumps(repeated, ensure_ascii=False), encoding="utf-8")
     tree: dict = {
         "model": {"name_or_path": str(model_dir)},
         "data": {
-            "train_path": a.data,
+            "train_path": data,
             "system_prompt": "现在你要扮演皇帝身边的女人--甄嬛",
             "eval_ratio": 0.02,
             "max_len": 384,
@@ -110,6 +123,8 @@ def main() -> None:
     steady = train_rows[1:] or train_rows  # the first window holds compilation
     result = {
         "arch": a.arch,
+        "data": Path(a.data).name,
+        "records": a.records or None,
         "overrides": a.overrides,
         "model_write_s": round(t_model, 1),
         "wall_s": round(summary["wall_s"], 1),
