@@ -179,24 +179,3 @@ def test_example_configs_load_and_train(config, tiny_model_dir, tmp_path):
     out = run(cfg)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len([r for r in read_metrics(out) if "train/loss" in r]) >= 1
-
-
-def test_step_meter_reads_queued_steps_once_and_skips_paused_time():
-    """The trainer's loop reads losses at log lines only; evaluation time is not training time."""
-    import time
-
-    import torch
-
-    from chattune.train import _StepMeter
-
-    meter = _StepMeter()
-    meter.add(torch.tensor(6.0), torch.tensor(1.5), 3, 100)  # loss sum 6 over 3 labels
-    with meter.paused():
-        time.sleep(0.3)  # an evaluation
-    meter.add(torch.tensor(2.0), torch.tensor(0.5), 2, 50)
-    loss, grad_norm, tps = meter.read()
-    assert loss == (6.0 / 3 + 2.0 / 2) / 2 and grad_norm == 0.5
-    assert meter.total_tokens == 150 and meter.total_time < 0.3 and tps > 150 / 0.3
-    meter.add(torch.tensor(1.0), torch.tensor(0.1), 1, 10)
-    assert meter.read()[0] == 1.0  # a new window
-    assert meter.total_tokens == 160

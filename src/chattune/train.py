@@ -26,13 +26,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from chattune.checkpoints import load_checkpoint, save_checkpoint
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
 from chattune.datacheck import preflight
 from chattune.distributed import (
-    World,
     broadcast_trainable,
     check_launch,
     end_process_group,
@@ -50,21 +49,8 @@ from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from chattune.templates import end_of_turn_token, render_all
+from chattune.throughput import StepMeter, matmul_params, peak_mem_gib, peak_tflops
 from chattune.track import Tracker, build_tracker
-
-if TYPE_CHECKING:
-    import torch
-
-# Dense bf16 peak of GPUs we know, for MFU; unknown GPUs report no MFU rather than a guess.
-PEAK_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "H20": 148.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10": 125.0,
-    "4090": 165.0,
-}
 
 
 def _say(msg: str) -> None:
@@ -236,7 +222,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     half = device == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    n_matmul = _matmul_params(model)
+    n_matmul = matmul_params(model)
     if world.size > 1:
         broadcast_trainable([p for p in model.parameters() if p.requires_grad])
         torch.manual_seed(tc.seed + world.rank)  # LoRA dropout: each rank draws its own masks
@@ -303,7 +289,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     start_step = 0
     ckpt_dir = out_dir / "checkpoints"
     if resume:
-        start_step = _load_checkpoint(ckpt_dir, model, optimizer, scheduler, sharded)  # on every rank
+        start_step, last = load_checkpoint(ckpt_dir, model, optimizer, scheduler, sharded)  # on every rank
+        _say(f"resuming from {last} (step {start_step})")
     data_info: dict = {}
     tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
     if world.is_main:
@@ -374,7 +361,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     # ---- the loop -------------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
 
-    peak_tflops = _peak_tflops(device)
+    peak = peak_tflops(device)
     bar = tqdm(
         total=total_steps,
         initial=start_step,
@@ -383,7 +370,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         dynamic_ncols=True,
     )
     step = start_step
-    meter = _StepMeter()
+    meter = StepMeter()
     # Nothing built so far (model, tokenizer, data) becomes garbage during training: frozen, it is left out
     # of the collector's passes, which otherwise stall the host that feeds the GPU (torchtitan does the same).
     gc.collect()
@@ -444,16 +431,16 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                     "train/epoch": epoch + (w + 1) / len(windows),
                     "train/tokens_per_s": tps,
                 }
-                row["train/peak_mem_gib"] = _peak_mem_gib(device)
-                if peak_tflops:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
-                    row["train/mfu"] = 4 * n_matmul * tps / (peak_tflops * 1e12 * world.size)
+                row["train/peak_mem_gib"] = peak_mem_gib(device)
+                if peak:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
+                    row["train/mfu"] = 4 * n_matmul * tps / (peak * 1e12 * world.size)
                 tracker.log(row, step=step)
                 bar.set_postfix(
                     loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
                 )
             if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
                 with meter.paused():
-                    _save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, world, sharded)
+                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, world, sharded)
             if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps:
                 with meter.paused():
                     evaluate_now(step, epoch + (w + 1) / len(windows), f"step {step}")
@@ -480,7 +467,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             "train_tokens": meter.total_tokens,
             "tokens_per_s": meter.total_tokens / max(meter.total_time, 1e-9),
             "steps": step,
-            "peak_mem_gib": _peak_mem_gib(device),
+            "peak_mem_gib": peak_mem_gib(device),
             "hardware": hardware if world.size == 1 else f"{world.size} processes x {hardware}",
             "versions": _versions(),
             "data": data_info,
@@ -508,60 +495,6 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
 
 # -- helpers of run() ---------------------------------------------------------------------------------------
-class _StepMeter:
-    """Loss, gradient norm and throughput of the steps since the last log line, read with one sync.
-
-    The loop queues each step on the GPU without waiting for it: reading a loss after every step
-    (as HF-style loops do) makes the host wait for the GPU to drain and then leaves the GPU idle
-    while the host prepares the next step (~3 % of a 7B step on an H200, bench/RESULTS.md). The
-    device tensors wait here until a log line needs them. Time spent evaluating or checkpointing
-    (inside `paused()`) counts neither as training time nor towards tokens/s.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        self.losses: list[float] = []
-        self.grad_norm = float("nan")
-        self.tokens = self.total_tokens = 0
-        self.time = self.total_time = 0.0
-        self.t0 = time.time()
-
-    def add(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, n_labels: int, real_tokens: int) -> None:
-        self.pending.append((loss_sum, grad_norm, n_labels))
-        self.tokens += real_tokens
-        self.total_tokens += real_tokens
-
-    def _settle(self) -> None:
-        """Wait for the queued steps (the first float() syncs) and bank the time they took."""
-        for loss_sum, grad_norm, n_labels in self.pending:
-            self.losses.append(float(loss_sum) / n_labels)
-            self.grad_norm = float(grad_norm)
-        self.pending = []
-        now = time.time()
-        self.time += now - self.t0
-        self.total_time += now - self.t0
-        self.t0 = now
-
-    def read(self) -> tuple[float, float, float]:
-        """(mean loss, last gradient norm, real tokens/s) of the steps since the last read."""
-        self._settle()
-        out = (
-            sum(self.losses) / max(len(self.losses), 1),
-            self.grad_norm,
-            self.tokens / max(self.time, 1e-9),
-        )
-        self.losses, self.tokens, self.time = [], 0, 0.0
-        return out
-
-    @contextlib.contextmanager
-    def paused(self):
-        self._settle()
-        try:
-            yield
-        finally:
-            self.t0 = time.time()
-
-
 class _SilentTracker:
     """The tracker of ranks other than 0: they train and evaluate like rank 0 but record nothing."""
 
@@ -585,17 +518,6 @@ def _is_file(path) -> bool:
     return isinstance(path, str) and Path(path).is_file()
 
 
-def _peak_mem_gib(device: str) -> float:
-    """Peak GPU memory allocated by torch on CUDA; elsewhere the process's peak resident memory."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def _memory_tight(model, micro_tokens: int) -> bool:
     from chattune.loss import checkpointing_needed
 
@@ -613,30 +535,6 @@ def _decoder_layers(model) -> list:
     return list(layers)
 
 
-def _matmul_params(model) -> int:
-    """Weights that multiply every token (embeddings are a lookup; a tied head counts as the head)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    n = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if p.dim() == 2 and "embed_tokens" not in name and "lora_" not in name
-    )
-    tied = getattr(hf.config, "tie_word_embeddings", False)
-    return n + (hf.get_input_embeddings().weight.numel() if tied else 0)
-
-
-def _peak_tflops(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    import torch
-
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
 def _versions() -> dict[str, str]:
     import peft
     import torch
@@ -651,71 +549,3 @@ def _versions() -> dict[str, str]:
         "peft": peft.__version__,
         "python": platform.python_version(),
     }
-
-
-def _save_checkpoint(
-    ckpt_dir: Path, step: int, model, optimizer, scheduler, world: World, sharded: bool
-) -> None:
-    """Adapter weights + optimizer + scheduler + step, written atomically by rank 0; the last one is kept.
-
-    Called on every rank. Sharded (FSDP) weights and optimizer state are first gathered whole (a
-    collective); the LoRA weights are then also kept under their module names for `_load_checkpoint`.
-    """
-    import torch
-
-    lora = optim = None
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        lora = gather_trainable(model)
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim = get_optimizer_state_dict(model, optimizer, options=whole)
-    if not world.is_main:
-        return
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=ckpt_dir))
-    model.save_pretrained(tmp / "adapter", state_dict=lora)
-    state = {"optimizer": optim if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    state["step"] = step
-    if sharded:
-        state["sharded_lora"] = lora
-    torch.save(state, tmp / "state.pt")
-    target = ckpt_dir / f"step-{step:07d}"
-    tmp.rename(target)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-1]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, sharded: bool) -> int:
-    """The last checkpoint into model, optimizer and scheduler, on every rank; returns its step."""
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    found = sorted(ckpt_dir.glob("step-*"))
-    if not found:
-        raise ChattuneError(f"--resume: no checkpoint in '{ckpt_dir}' (train.save_steps writes them)")
-    last = found[-1]
-    state = torch.load(last / "state.pt", weights_only=False)
-    if sharded != ("sharded_lora" in state):
-        raise ConfigError(
-            "train.distributed",
-            f"--resume: {last} was written by a run {'with' if not sharded else 'without'} train.distributed: "
-            "fsdp over several processes; resume it the same way",
-        )
-    if sharded:  # whole tensors in, each rank keeps its shard
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        whole = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(model, state["sharded_lora"], options=whole)
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=whole)
-    else:
-        set_peft_model_state_dict(model, load_file(str(last / "adapter" / "adapter_model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _say(f"resuming from {last} (step {state['step']})")
-    return int(state["step"])
