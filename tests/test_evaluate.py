@@ -55,7 +55,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def test_adapter_and_base_model_on_the_same_data(adapter_dir, tiny_model_dir, data, tmp_path, capsys) -> None:
     from chattune.evaluate import run_eval
-    from chattune.infer import generate, load_for_inference
+    from chattune.infer import generate
+    from chattune.loading import load_for_inference
 
     kw = dict(max_new_tokens=5, batch_size=3, device="cpu")
     tuned = run_eval(adapter_dir, data, output_dir=tmp_path / "tuned", **kw)
@@ -111,7 +112,8 @@ def test_adapter_and_base_model_on_the_same_data(adapter_dir, tiny_model_dir, da
 
 def test_samples_system_prompt_and_classification(tiny_model_dir, data, capsys) -> None:
     from chattune.evaluate import run_eval
-    from chattune.infer import generate, load_for_inference
+    from chattune.infer import generate
+    from chattune.loading import load_for_inference
 
     result = run_eval(
         tiny_model_dir,

@@ -58,7 +58,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory, qwen_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(adapter_dir):
-    from chattune.infer import load_for_inference
+    from chattune.loading import load_for_inference
 
     return load_for_inference(adapter_dir, device="cpu")
 
@@ -190,7 +190,7 @@ def test_stream_closed_early_stops_generation(loaded):
 
 
 def test_missing_paths_are_model_errors(tmp_path, adapter_dir):
-    from chattune.infer import load_for_inference
+    from chattune.loading import load_for_inference
 
     with pytest.raises(ModelError, match="nope"):
         load_for_inference(tmp_path / "nope")
@@ -209,7 +209,7 @@ def test_missing_paths_are_model_errors(tmp_path, adapter_dir):
 
 def test_builtin_base_is_rebuilt_when_its_directory_is_gone(tmp_path, monkeypatch, tiny_model_dir):
     import chattune.models
-    from chattune.infer import read_model_source
+    from chattune.loading import read_model_source
 
     calls = []
 
@@ -228,7 +228,8 @@ def test_builtin_base_is_rebuilt_when_its_directory_is_gone(tmp_path, monkeypatc
 
 
 def test_plain_model_dir_loads(tiny_model_dir):
-    from chattune.infer import generate, load_for_inference
+    from chattune.infer import generate
+    from chattune.loading import load_for_inference
 
     plain = load_for_inference(tiny_model_dir, device="cpu")
     assert plain.system_prompt is None and plain.end_of_turn_token == "<|im_end|>"

@@ -97,7 +97,8 @@ def test_merged_model_equals_adapter(tied, merged_case):
 
 
 def test_merged_dir_answers_like_the_adapter(merged_case):
-    from chattune.infer import generate, load_for_inference
+    from chattune.infer import generate
+    from chattune.loading import load_for_inference
 
     _, adapter, merged = merged_case(True)
     a, m = load_for_inference(adapter, device="cpu"), load_for_inference(merged, device="cpu")

@@ -70,7 +70,7 @@ def adapter(tiny_model_dir, qwen_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(adapter):
-    from chattune.infer import load_for_inference
+    from chattune.loading import load_for_inference
 
     return load_for_inference(adapter, device="cpu")
 
@@ -267,7 +267,8 @@ def test_several_adapters_over_one_base(tiny_model_dir, qwen_tokenizer, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chattune.infer import generate, load_many_for_inference
+    from chattune.infer import generate
+    from chattune.loading import load_many_for_inference
     from chattune.serve import build_app
 
     a = make_adapter_dir(tiny_model_dir, tmp_path / "alpha" / "adapter", qwen_tokenizer, seed=1)

@@ -95,7 +95,7 @@ def cli_server(adapter, tmp_path_factory) -> Iterator[tuple[str, subprocess.Pope
 
 @pytest.fixture(scope="module")
 def loaded(adapter):
-    from chattune.infer import load_for_inference
+    from chattune.loading import load_for_inference
 
     return load_for_inference(adapter, device="cpu")
 

@@ -104,7 +104,8 @@ def test_adapter_reloads_with_plain_peft(trained, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chattune.infer import build_prompt, load_for_inference
+    from chattune.infer import build_prompt
+    from chattune.loading import load_for_inference
 
     adapter = trained / "adapter"
     tok = AutoTokenizer.from_pretrained(adapter)

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from chattune.infer import Loaded, default_sampling, stream
+from chattune.infer import default_sampling, stream
+from chattune.loading import Loaded
 
 HELP = (
     "commands: /reset forgets the conversation; /system TEXT sets the system prompt (/system alone shows it); "

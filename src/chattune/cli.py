@@ -59,7 +59,8 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     from chattune.config import config_from_dict, parse_overrides
-    from chattune.infer import generate, load_for_inference
+    from chattune.infer import generate
+    from chattune.loading import load_for_inference
     from chattune.train import run
 
     tree = demo_config_tree(args.output_dir)
@@ -78,7 +79,7 @@ def cmd_demo(args) -> int:
 
 def cmd_chat(args) -> int:
     from chattune.chat import run_chat
-    from chattune.infer import load_for_inference
+    from chattune.loading import load_for_inference
 
     loaded = load_for_inference(args.model, device=args.device)
     run_chat(
@@ -91,7 +92,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from chattune.infer import load_for_inference, predict_file
+    from chattune.infer import predict_file
+    from chattune.loading import load_for_inference
 
     loaded = load_for_inference(args.model, device=args.device)
     n = predict_file(

@@ -157,7 +157,7 @@ def run_eval(
     system prompt (or `system_prompt`), so two models evaluated on one file differ only in their
     weights. Returns what metrics.json holds.
     """
-    from chattune.infer import load_for_inference, read_model_source
+    from chattune.loading import load_for_inference, read_model_source
     from chattune.metrics import resolve_metrics
     from chattune.train import file_sha256
 

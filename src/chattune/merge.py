@@ -59,7 +59,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from chattune.infer import find_stop_ids, load_source_tokenizer, read_model_source
+    from chattune.loading import find_stop_ids, load_source_tokenizer, read_model_source
 
     src = read_model_source(adapter_dir)
     if src.adapter_dir is None:

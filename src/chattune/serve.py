@@ -32,13 +32,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chattune.errors import ChattuneError
 from chattune.infer import (
     Completion,
-    Loaded,
     build_prompt,
     count_tokens,
     default_sampling,
     generate_completions,
     stream_events,
 )
+from chattune.loading import Loaded
 
 MAX_N = 8  # completions per request: n=100 would hold the single worker for everyone else
 
@@ -443,7 +443,7 @@ def run_server(
     """Load the model(s) and serve until interrupted (the `chattune serve` command)."""
     import uvicorn
 
-    from chattune.infer import load_for_inference, load_many_for_inference
+    from chattune.loading import load_for_inference, load_many_for_inference
 
     paths = path_or_paths if isinstance(path_or_paths, list) else [path_or_paths]
     if engine == "vllm":

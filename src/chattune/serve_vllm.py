@@ -36,7 +36,7 @@ def build_vllm_command(
     paths: list[str | Path], host: str, port: int, chat_template: str | Path | None = None
 ) -> list[str]:
     """`vllm serve` over the same base and adapters, under the names `chattune serve` gives them."""
-    from chattune.infer import read_model_source
+    from chattune.loading import read_model_source
 
     sources = [read_model_source(p) for p in paths]
     bases = {s.base_dir for s in sources}
@@ -72,7 +72,7 @@ def run_vllm(paths: list[str | Path], host: str, port: int, api_key: str | None)
     import subprocess
     import tempfile
 
-    from chattune.infer import load_source_tokenizer, read_model_source
+    from chattune.loading import load_source_tokenizer, read_model_source
 
     if importlib.util.find_spec("vllm") is None:
         raise ChattuneError(

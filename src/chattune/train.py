@@ -309,7 +309,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
         hparams["params"] = {"trainable": n_trainable, "total": n_total}
         tracker = build_tracker(cfg.track, out_dir, hparams)
-    from chattune.infer import Loaded
+    from chattune.loading import Loaded
 
     eot = end_of_turn_token(tokenizer)
     loaded = Loaded(
