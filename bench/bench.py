@@ -13,7 +13,7 @@ and the speed-up, and writes bench/results.json (and $OUT/results.json when --ou
   PYTHONPATH=src python bench/bench.py --tiny                 # CPU smoke run, seconds
   PYTHONPATH=src python bench/bench.py --plan full --out $OUT # one H100/H200, ~7.5 minutes
 
-Imports only torch/transformers/peft and chattune.{packing,attention,loss,offload}: the GPU image has no
+Imports only torch/transformers/peft and chattune.{packing,attention,loss,offload,throughput}: the GPU image has no
 network and none of chattune's other dependencies.
 """
 
@@ -53,6 +53,7 @@ from chattune.loss import (  # noqa: E402
 SKIPS_MASK_BUILDING = chattune_loss._skips_mask_building
 from chattune.offload import HostAdamW, offload_input_embeddings  # noqa: E402
 from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens  # noqa: E402
+from chattune.throughput import matmul_params  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, as in the seed recipe's MFU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,15 +93,6 @@ def make_docs(lengths_path: Path, n_tokens: int, max_len: int = 384) -> list[dic
         labels = ([IGNORE_INDEX] * p + ids[p:])[:max_len]
         docs.append({"input_ids": ids, "labels": labels})
     return docs
-
-
-def matmul_params(model, cfg) -> int:
-    n = sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if p.dim() == 2 and "embed_tokens" not in name and "lora_" not in name
-    )
-    return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
 
 
 def measure_matmul() -> float:
@@ -297,7 +289,7 @@ def run_chattune(
     log(f"  timed steps ({timing}): {sum(times[warm:]) / steps:.3f}s each, last loss {loss.item():.3f}")
     t_timed = sum(times[warm:])
     tokens = sum(real[warm * accumulate :])
-    mm = matmul_params(model, cfg)
+    mm = matmul_params(model)  # the trainer's count, for its MFU too
     res.update(
         tokens_per_s=round(tokens / t_timed),
         mfu_pct=round(100 * 4 * mm * tokens / t_timed / PEAK_FLOPS, 1),
