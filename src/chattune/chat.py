@@ -50,9 +50,20 @@ def run_chat(
         out.write(text + "\n")
         out.flush()
 
+    from chattune.templates import template_default_system
+
+    template_system = template_default_system(loaded.tokenizer)
+
+    def describe(system: str | None) -> str:
+        if system:
+            return f"(system prompt: {system})"
+        if template_system:
+            return f"(no system prompt set: the chat template puts its default first: {template_system})"
+        return "(no system prompt)"
+
     say(f"chatting with {loaded.name}. {HELP}")
-    if system:
-        say(f"(system prompt: {system})")
+    if system or template_system:
+        say(describe(system))
     while True:
         try:
             line = input_fn(">>> ")
@@ -71,9 +82,9 @@ def run_chat(
                 say("(conversation cleared)")
             elif command == "/system" and arg.strip():
                 system = arg.strip()  # applies from the next answer on; /reset to start afresh with it
-                say(f"(system prompt: {system})")
+                say(describe(system))
             elif command == "/system":
-                say(f"(system prompt: {system})" if system else "(no system prompt)")
+                say(describe(system))
             else:
                 say(HELP if command == "/help" else f"unknown command {command}. {HELP}")
             continue

@@ -6,40 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
 
 from chattune.errors import ChattuneError
-
-DEMO_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
-
-
-def demo_config_tree(output_dir: str) -> dict:
-    """The embedded demo: the built-in tiny model on a bundled 400-record huanhuan slice, ~1 min on 2 cores."""
-    data = resources.files("chattune") / "assets" / "data" / "huanhuan-demo" / "huanhuan_demo.json"
-    return {
-        "model": {"name_or_path": "builtin:tiny-qwen2"},
-        "data": {
-            "train_path": str(data),
-            "eval_ratio": 0.05,
-            "system_prompt": DEMO_SYSTEM_PROMPT,
-            "max_len": 128,
-            "truncation": "cut_prompt",  # a long question loses its start, never the answer's stop
-        },
-        # A randomly initialised 64-wide model needs a far larger rate and rank than a 7B one to move in a minute.
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {
-            "output_dir": output_dir,
-            "micro_batch_size": 8,
-            "grad_accum_steps": 1,
-            "epochs": 3,
-            "lr": 3e-3,
-            "warmup_ratio": 0.05,
-            "logging_steps": 10,
-            "seed": 42,
-        },
-        "eval": {"samples": 3, "max_new_tokens": 24, "batch_size": 8},
-        "track": {"backend": "none"},
-    }
 
 
 def cmd_train(args) -> int:
@@ -58,9 +26,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import torch
+
     from chattune.config import config_from_dict, parse_overrides
-    from chattune.infer import generate
-    from chattune.loading import load_for_inference
+    from chattune.demo import DEMO_NAME, demo_config_tree, print_before_after, read_before_after
     from chattune.train import run
 
     tree = demo_config_tree(args.output_dir)
@@ -68,12 +37,18 @@ def cmd_demo(args) -> int:
         sec, _, name = key.partition(".")
         tree.setdefault(sec, {})[name] = value
     cfg = config_from_dict(tree, "demo config")
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))  # every core: CPU training is compute-bound
+    print(
+        f"chattune demo: LoRA-tune {cfg.model.name_or_path} to answer as '{DEMO_NAME}', on this machine's CPU",
+        flush=True,
+    )
     out = run(cfg)
-    loaded = load_for_inference(out / "adapter")
-    question = "你是谁？"
-    answer = generate(loaded, [[{"role": "user", "content": question}]], max_new_tokens=32)[0]
-    print(f"\nThe adapter in {out / 'adapter'} answers {question!r}: {answer!r}")
-    print(f"Report: {out / 'report.html'}   Chat with it: chattune chat {out / 'adapter'}")
+    print_before_after(read_before_after(out))
+    print(f"\nAdapter: {out / 'adapter'}   Report: {out / 'report.html'}")
+    print(f"Chat with it: chattune chat {out / 'adapter'}")
+    swanlog = out / "swanlog"
+    if swanlog.is_dir():
+        print(f"SwanLab (offline) run: {swanlog}; upload it later with `swanlab sync {swanlog}`")
     return 0
 
 
@@ -123,6 +98,7 @@ def cmd_eval(args) -> int:
         system_prompt=args.system,
         converter=args.converter,
         device=args.device,
+        placeholders={"name": args.identity_name, "author": args.identity_author},
     )
     return 0
 
@@ -183,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser(
-        "demo", help="train the built-in tiny model on bundled data, offline, in a few minutes on a CPU"
+        "demo", help="teach a real built-in chat model a new name, offline, in a few minutes on a CPU"
     )
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config")
@@ -226,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
     e.add_argument("--converter", default=None, help="convert a tutorial's raw records first")
+    e.add_argument("--identity-name", default=None, help="with --converter identity: fills {{name}}")
+    e.add_argument("--identity-author", default=None, help="with --converter identity: fills {{author}}")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_eval)
 

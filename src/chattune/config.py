@@ -86,6 +86,9 @@ class DataConfig:
     """Convert a tutorial's raw records first (one for all sources, or a list aligned with `train_path`):
     `news_cls` {text, category, output}, `disc_law` {input, output}, `huanhuan` {instruction, input, output}
     (with their fixed system prompts), `identity` (LLaMA-Factory identity.json: fills {{name}}/{{author}})."""
+    eval_converter: Converter | None = None
+    """Converter for the `eval_path` sources. Default: `converter` when it is one for all sources (or a list
+    aligned with `eval_path`); needed when `converter` is a list for mixed training sources."""
     identity_name: str | None = None
     """The assistant's name put in place of `{{name}}` by the `identity` converter."""
     identity_author: str | None = None
@@ -124,7 +127,16 @@ class DataConfig:
         if any(n is not None and n <= 0 for n in self.train_samples or []):
             raise ConfigError("data.train_samples", "each entry must be a positive number of records or null")
         converters = self.converter if isinstance(self.converter, list) else [self.converter]
-        if "identity" in converters:
+        if self.eval_path and self.eval_converter is None and isinstance(self.converter, list):
+            n_eval = len(self.eval_path) if isinstance(self.eval_path, list) else 1
+            if len(set(self.converter)) > 1 and n_eval != len(self.converter):
+                raise ConfigError(
+                    "data.eval_converter",
+                    f"data.converter is a list for the {len(sources)} training sources, so the converter of "
+                    f"the {n_eval} data.eval_path source(s) is unknown: set data.eval_converter (e.g. "
+                    f"{next(c for c in self.converter if c)}) or null for records that need none",
+                )
+        if "identity" in converters + [self.eval_converter]:
             for key in ("identity_name", "identity_author"):
                 if not getattr(self, key):
                     raise ConfigError(f"data.{key}", "must be set: the identity converter fills it in")

@@ -41,7 +41,11 @@ def read_samples(path: str | Path, n: int, **read_kw) -> list[Sample]:
 
 
 def read_eval_samples(
-    path: str | Path, *, limit: int | None = None, converter: str | None = None
+    path: str | Path,
+    *,
+    limit: int | None = None,
+    converter: str | None = None,
+    placeholders: dict | None = None,
 ) -> list[Sample]:
     """Every record of a data file (the first `limit`) as a prompt and its reference answer.
 
@@ -60,7 +64,7 @@ def read_eval_samples(
         try:
             if isinstance(rec, _BadRow):
                 raise rec
-            msgs = to_messages(rec, "auto", None, converter)
+            msgs = to_messages(rec, "auto", None, converter, placeholders=placeholders)
         except _BadRow as e:
             raise DataError(
                 str(path), line, f"{e} (eval scores every record against its reference: the last answer)"
@@ -149,6 +153,7 @@ def run_eval(
     system_prompt: str | None = None,
     converter: str | None = None,
     device: str = "auto",
+    placeholders: dict | None = None,
 ) -> dict:
     """Answer every record of `data` with `model` (an adapter folder or a model directory), score the
     answers, print a metrics table; with `output_dir`, write predictions.jsonl and metrics.json there.
@@ -159,6 +164,7 @@ def run_eval(
     """
     from chattune.loading import load_for_inference, read_model_source
     from chattune.metrics import resolve_metrics
+    from chattune.templates import template_default_system
     from chattune.train import file_sha256
 
     # Everything the user typed is checked before the (slow) model load.
@@ -169,7 +175,7 @@ def run_eval(
         raise ChattuneError(f"--batch-size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ChattuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    eval_set = read_eval_samples(data, limit=samples, converter=converter)
+    eval_set = read_eval_samples(data, limit=samples, converter=converter, placeholders=placeholders)
     src = read_model_source(model)
 
     loaded = load_for_inference(model, device=device)
@@ -193,6 +199,7 @@ def run_eval(
         "metrics": scores,
         "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size},
         "system_prompt": loaded.system_prompt,
+        "template_default_system": template_default_system(loaded.tokenizer),
         "generation_s": round(gen_s, 3),
     }
     print(format_metrics_table(result))
@@ -210,10 +217,14 @@ def run_eval(
 def format_metrics_table(result: dict) -> str:
     """The metrics of one `run_eval` as an aligned text table (scores 0..100)."""
     system = result["system_prompt"]
+    default = result.get("template_default_system")
+    shown = json.dumps(system, ensure_ascii=False) if system is not None else "none"
+    if system is None and default:
+        shown = f"none set; the template's default {json.dumps(default, ensure_ascii=False)}"
     lines = [
         f"eval of {result['name']} on {result['data']}: {result['examples']} examples, task {result['task']}, "
         f"greedy, at most {result['generation']['max_new_tokens']} new tokens, "
-        f"system prompt {json.dumps(system, ensure_ascii=False) if system is not None else 'none'}",
+        f"system prompt {shown}",
     ]
     width = max([len("metric"), *(len(k) for k in result["metrics"])])
     lines.append(f"  {'metric':<{width}}  {'score':>7}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +155,10 @@ def _completion(loaded: Loaded, ids: list[int], prompt_tokens: int, max_new_toke
     ends = set(loaded.stop_token_ids) | {loaded.tokenizer.pad_token_id}
     cut = next((i for i, t in enumerate(ids) if t in ends), None)
     body = ids if cut is None else ids[:cut]
-    text, hit = _cut_at_stop(loaded.tokenizer.decode(body, skip_special_tokens=True), stop)
+    text = loaded.tokenizer.decode(body, skip_special_tokens=True)
+    if cut is None:  # cut by the token bound, maybe inside a character's bytes: no U+FFFD at the end
+        text = text.rstrip("\ufffd")
+    text, hit = _cut_at_stop(text, stop)
     reason = "length" if cut is None and not hit and len(ids) >= max_new_tokens else "stop"
     generated = len(body) + (cut is not None and ids[cut] in loaded.stop_token_ids)  # the eos was generated
     return Completion(text, reason, prompt_tokens, int(generated))
@@ -344,6 +349,7 @@ def predict_file(
     seed: int | None = None,
     fmt: str = "auto",
     converter: str | None = None,
+    progress: bool = True,
 ) -> int:
     """Answer every record of a .jsonl/.json file; write {prompt, prediction, reference} lines atomically.
 
@@ -358,10 +364,17 @@ def predict_file(
     order = sorted(range(len(rows)), key=lambda i: -sum(len(m["content"]) for m in rows[i][0]))
     answers: dict[int, str] = {}
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+    t0 = time.monotonic()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         for i, text in zip(chunk, generate(loaded, [rows[i][0] for i in chunk], **kw), strict=True):
             answers[i] = text
+        if progress:  # CPU generation of a few hundred answers takes minutes: show that it moves
+            print(
+                f"predict: {len(answers)}/{len(rows)} answered ({time.monotonic() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

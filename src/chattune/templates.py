@@ -479,3 +479,26 @@ def build_generation_prompt(tokenizer, messages: list[dict], system_prompt: str 
     if system_prompt and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system_prompt}] + list(messages)
     return _chat_text(tokenizer, messages, add_generation_prompt=True)
+
+
+def template_default_system(tokenizer) -> str | None:
+    """The system prompt the chat template inserts by itself when a conversation has none, or None.
+
+    SmolLM2's template, for one, starts every conversation without a system turn with "You are a
+    helpful AI assistant named SmolLM, trained by Hugging Face". Found by rendering one user turn with
+    and without an explicit system turn and reading what the template put in the system slot.
+    """
+    user = [{"role": "user", "content": _MARK.format("u")}]
+    try:
+        plain = _chat_text(tokenizer, user)
+        with_sys = _chat_text(tokenizer, [{"role": "system", "content": _MARK.format("s")}, *user])
+    except Exception:  # a template that refuses system turns inserts none either
+        return None
+    if plain == with_sys.replace(_MARK.format("s"), "", 1) or _MARK.format("s") not in with_sys:
+        return None
+    before, after = with_sys.split(_MARK.format("s"), 1)
+    head = plain.split(_MARK.format("u"), 1)[0]
+    sys_after = after.split(_MARK.format("u"), 1)[0]
+    if head.startswith(before) and head.endswith(sys_after) and len(head) > len(before) + len(sys_after):
+        return head[len(before) : len(head) - len(sys_after)] or None
+    return None

