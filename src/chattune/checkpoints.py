@@ -50,8 +50,8 @@ def save_checkpoint(
 def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, sharded: bool) -> tuple[int, Path]:
     """The last checkpoint into model, optimizer and scheduler, on every rank; returns (its step, its folder)."""
     import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+
+    from chattune.methods import load_trained_weights
 
     found = sorted(ckpt_dir.glob("step-*"))
     if not found:
@@ -75,7 +75,7 @@ def load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, sharded: bool) 
         set_model_state_dict(model, state["sharded_lora"], options=whole)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=whole)
     else:
-        set_peft_model_state_dict(model, load_file(str(last / "adapter" / "adapter_model.safetensors")))
+        load_trained_weights(model, last / "adapter")  # the adapter, or a full fine-tune's every weight
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), last

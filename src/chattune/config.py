@@ -36,6 +36,10 @@ class ModelConfig:
     chat_template: str | None = None
     """A named template shipped with chattune (`ernie-4.5`, `chatml`) or a path to a Jinja file, for models
     whose tokenizer has none or a wrong one. Default: the tokenizer's own."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """QLoRA: load the frozen base weights in 4-bit NF4 (double-quantized, bf16 compute) or 8-bit through
+    bitsandbytes (`pip install 'chattune[qlora]'`, CUDA only); LoRA trains in full precision on top and is
+    saved as an ordinary adapter for the unquantized base. Qwen2.5-7B then fits in about 10 GiB."""
 
 
 Converter = Literal["news_cls", "disc_law", "huanhuan", "identity"]
@@ -142,13 +146,59 @@ class DataConfig:
                     raise ConfigError(f"data.{key}", "must be set: the identity converter fills it in")
 
 
+# `lora.init` values: peft's `init_lora_weights` that need nothing but the weights (eva, corda and loftq
+# need data or extra configs that chattune does not pass). pissa and olora move part of the base weights
+# into the adapter; the saved adapter is converted back to a plain LoRA for the original base.
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+MUTATING_INITS = ("pissa", "olora")
+
+
 @dataclass(frozen=True)
 class LoraConfig:
+    enabled: bool = True
+    """false: full fine-tuning; every parameter trains (fp32 master weights) and the run writes a complete
+    model directory `<output_dir>/model` instead of `<output_dir>/adapter`. The other `lora.*` keys are unused."""
     r: int = 8
     alpha: int = 32
     dropout: float = 0.1
     target_modules: list[str] | str = "all-linear"
     """Module names (the tutorials: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or `all-linear`."""
+    use_dora: bool = False
+    """DoRA (peft `use_dora`): a trained magnitude per output feature on top of the LoRA direction; logits are
+    unchanged at init. Slower per step than LoRA."""
+    use_rslora: bool = False
+    """rsLoRA (peft `use_rslora`): scale the update by alpha / sqrt(r) instead of alpha / r (stable at high r)."""
+    init: str = "default"
+    """peft's `init_lora_weights`: `default` (B = 0, logits unchanged), `gaussian`, `pissa` (principal singular
+    vectors: base - A B is kept as residual, logits unchanged), `pissa_niter_N` (fast randomized SVD, N
+    iterations), `olora` (QR), `orthogonal`."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (peft `create_loraplus_optimizer`): B's learning rate is this many times `train.lr` (A's);
+    the paper uses 16. Unset: one learning rate."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained whole and saved in the adapter, e.g. [lm_head] or [embed_tokens, lm_head] (new
+    tokens). With tied embeddings each trains its own copy, and `merge` saves them untied."""
+
+    def __post_init__(self) -> None:
+        base, _, niter = self.init.partition("_niter_")
+        if base not in LORA_INITS or (niter and (base != "pissa" or not niter.isdigit() or int(niter) < 1)):
+            raise ConfigError(
+                "lora.init",
+                f"got {self.init!r}; use one of {', '.join(LORA_INITS)} or pissa_niter_N (N >= 1); "
+                "eva, corda and loftq need data or settings that chattune does not pass",
+            )
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1.0:
+            raise ConfigError(
+                "lora.loraplus_lr_ratio",
+                f"must be >= 1 (B learns faster than A), got {self.loraplus_lr_ratio}",
+            )
+        if base in MUTATING_INITS and (self.use_dora or self.modules_to_save):
+            key = "lora.use_dora" if self.use_dora else "lora.modules_to_save"
+            raise ConfigError(
+                key,
+                f"cannot be combined with lora.init: {self.init}: the trained adapter is converted to a plain "
+                "LoRA for the original base at save, and that conversion keeps only the lora_A/lora_B weights",
+            )
 
 
 @dataclass(frozen=True)
@@ -397,9 +447,49 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _check_methods(cfg: Config) -> list[tuple[str, str]]:
+    """Fine-tuning method choices that cannot work together, refused before anything loads."""
+    lora, model, tc = cfg.lora, cfg.model, cfg.train
+    bad: list[tuple[str, str]] = []
+    fsdp = "with train.distributed: fsdp (which shards only LoRA runs' frozen base weights); use ddp"
+    if not lora.enabled:
+        defaults = LoraConfig()
+        for key in ("use_dora", "use_rslora", "init", "loraplus_lr_ratio", "modules_to_save"):
+            if getattr(lora, key) != getattr(defaults, key):
+                bad.append((f"lora.{key}", "is a LoRA option, but lora.enabled is false (full fine-tuning)"))
+        if model.quantization != "none":
+            bad.append(
+                ("model.quantization", "quantized weights cannot be trained: set lora.enabled: true (QLoRA)")
+            )
+        if tc.distributed == "fsdp":
+            bad.append(("lora.enabled", f"false (full fine-tuning) does not work {fsdp}"))
+    if model.quantization != "none":
+        if tc.device == "cpu":
+            bad.append(("model.quantization", "needs a CUDA GPU (bitsandbytes); set it to none on the CPU"))
+        if lora.init.partition("_niter_")[0] in MUTATING_INITS:
+            bad.append(("lora.init", f"{lora.init} needs the unquantized weights to decompose; use default"))
+        if tc.distributed == "fsdp":
+            bad.append(("model.quantization", f"does not work {fsdp}"))
+    if lora.enabled and tc.distributed == "fsdp":
+        if lora.modules_to_save:
+            bad.append(("lora.modules_to_save", f"does not work {fsdp}"))
+        if lora.init.partition("_niter_")[0] in MUTATING_INITS:
+            bad.append(
+                (
+                    "lora.init",
+                    f"{lora.init} is converted to plain LoRA in one process; it does not work {fsdp}",
+                )
+            )
+    if lora.loraplus_lr_ratio is not None and tc.offload:
+        bad.append(
+            ("lora.loraplus_lr_ratio", "does not work with train.offload (one learning rate on the host)")
+        )
+    return bad
+
+
 def config_from_dict(tree: dict, path: str | None = None) -> Config:
     cfg = _build(Config, tree, "", path)
-    bad = _check_values(cfg)
+    bad = _check_values(cfg) + _check_methods(cfg)
     if bad:
         key, reason = bad[0]
         raise ConfigError(key, reason, path)

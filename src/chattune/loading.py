@@ -53,9 +53,9 @@ class ModelSource:
 
     @property
     def name(self) -> str:
-        # out/<run>/adapter -> "<run>": the run name is what a user recognises, not "adapter".
+        # out/<run>/adapter (or /model, a full fine-tune) -> "<run>": the run name is what a user recognises.
         p = self.path.resolve()
-        return p.parent.name if p.name == "adapter" else p.name
+        return p.parent.name if p.name in ("adapter", "model") else p.name
 
 
 # -- finding the pieces -----------------------------------------------------------------------------------

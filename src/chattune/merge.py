@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -48,6 +49,16 @@ def _settle_tie(model, was_tied: bool) -> None:
         out.weight = inp.weight  # stored once again, as in the base checkpoint
     for config in (model.config, getattr(model.config, "text_config", None) or model.config):
         config.tie_word_embeddings = tied
+
+
+def _trained_on_quantized_base(adapter_dir: Path) -> str | None:
+    """`nf4` / `int8` when the adapter was trained on a quantized base (QLoRA), from its inference.json."""
+    try:
+        info = json.loads((adapter_dir / "inference.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = info.get("trained_on_quantized_base") if isinstance(info, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> Path:
@@ -106,6 +117,14 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | 
             "system_prompt": src.system_prompt,
             "end_of_turn_token": src.end_of_turn_token,
         }
+        quantized = _trained_on_quantized_base(src.adapter_dir)
+        if quantized:  # QLoRA: merged onto the full-precision base, which it was not trained against
+            info["trained_on_quantized_base"] = quantized
+            info["note"] = (
+                f"the adapter was trained on a {quantized}-quantized copy of the base and merged onto the "
+                "full-precision base; compare its answers with the adapter's (chattune eval) before shipping"
+            )
+            print(f"note: {info['note']}", file=sys.stderr)
         (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
         if (src.adapter_dir / "chattune.yaml").is_file():  # provenance: the run that trained it
             shutil.copy2(src.adapter_dir / "chattune.yaml", tmp / "chattune.yaml")

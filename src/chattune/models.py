@@ -15,11 +15,12 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
 from chattune.config import LoraConfig, ModelConfig
-from chattune.errors import ModelError
+from chattune.errors import ConfigError, ModelError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_VERSION = "v2"  # bump whenever the weights a build produces change
@@ -234,33 +235,112 @@ def load_tokenizer(model_dir: Path, cfg: ModelConfig):
     return tok
 
 
+def quantization_config(quantization: str, device: str, compute_dtype):
+    """transformers' `BitsAndBytesConfig` for `model.quantization` (None for `none`), checked before any
+    weight is read: CUDA only, and bitsandbytes installed (the `[qlora]` extra).
+
+    nf4 follows the QLoRA paper: NF4 storage, double quantization of the scales, matmuls in `compute_dtype`.
+    """
+    if quantization == "none":
+        return None
+    if device != "cuda":
+        raise ConfigError(
+            "model.quantization",
+            f"{quantization} needs a CUDA GPU (bitsandbytes) and this run is on {device}; set it to none",
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.quantization",
+            f"{quantization} needs bitsandbytes: pip install 'chattune[qlora]' (or set it to none)",
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model(model_dir: Path, cfg: ModelConfig, device: str, attn_implementation: str | None = None):
+    """The causal LM on `device` in `cfg.dtype`; with `cfg.quantization` its linear layers in 4 or 8 bits
+    (bitsandbytes, placed on the current CUDA device as they load: a quantized model cannot be moved)."""
     from transformers import AutoModelForCausalLM
 
     dtype = pick_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    quant = quantization_config(cfg.quantization, device, dtype)
+    if quant is not None:
+        import torch
+
+        kwargs.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:
         raise ModelError(f"cannot load a causal LM from '{model_dir}': {e}") from None
+    if quant is not None:
+        return _prepare_quantized(model)
     return model.to(device)
 
 
-def add_lora(model, cfg: LoraConfig):
+def _prepare_quantized(model):
+    """peft's `prepare_model_for_kbit_training`, minus its fp32 upcast: every base weight frozen.
+
+    Not the peft function itself: it casts every non-quantized weight (embeddings, output head, norms) to
+    fp32, 4.4 GiB more for Qwen2.5-7B's two 545M-parameter embedding matrices, which breaks QLoRA's memory
+    promise; under the trainer's bf16 autocast, norms and the loss already compute in fp32. Its other two
+    steps are the trainer's: checkpointing (`train.checkpointing: auto` turns it on for quantized models)
+    with inputs that require grad (`enable_input_require_grads`).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_peft_config(cfg: LoraConfig):
+    """The peft `LoraConfig` for our `lora` section: target modules, DoRA, rsLoRA, init, modules_to_save."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     target = cfg.target_modules
     if isinstance(target, str) and target not in ("all-linear", "all_linear"):
         target = [t.strip() for t in target.split(",") if t.strip()]
     elif target == "all_linear":
         target = "all-linear"
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target, task_type="CAUSAL_LM"
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+        modules_to_save=list(cfg.modules_to_save) or None,
     )
+
+
+def add_lora(model, cfg: LoraConfig):
+    """`model` wrapped by peft with the `lora` section's adapter (only its weights require grad)."""
+    from peft import get_peft_model
+
+    peft_cfg = build_peft_config(cfg)
+    if cfg.modules_to_save:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [m for m in cfg.modules_to_save if m not in names]
+        if missing:
+            raise ConfigError("lora.modules_to_save", f"{missing} name no module of this model")
     try:
-        return get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():
+            # Handled: a tied head trained on its own (modules_to_save) is saved untied by merge.
+            warnings.filterwarnings("ignore", message=".*`ensure_weight_tying` is not set")
+            return get_peft_model(model, peft_cfg)
     except ValueError as e:
-        raise ModelError(f"lora.target_modules {cfg.target_modules!r}: {e}") from None
+        keys = "lora.target_modules / lora.init / lora.use_dora"
+        raise ModelError(f"{keys} ({cfg.target_modules!r}, {cfg.init}, {cfg.use_dora}): {e}") from None

@@ -39,6 +39,8 @@ def offload_input_embeddings(model: nn.Module, device: str | torch.device) -> bo
     head = hf.get_output_embeddings()
     if head is not None and head.weight is embed.weight:
         return False
+    if any(p.requires_grad for p in embed.parameters()):  # trained (full fine-tuning, modules_to_save):
+        return False  # the hooks below pass no gradient back to a table on the host
     embed.to("cpu")
     target = torch.device(device)
     needs_grad = bool(getattr(hf, "is_gradient_checkpointing", False))

@@ -47,6 +47,14 @@ from chattune.distributed import (
 )
 from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
+from chattune.methods import (
+    build_optimizer,
+    checkpoint_dtype,
+    initial_adapter_state,
+    save_adapter,
+    save_full_model,
+    training_model_config,
+)
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from chattune.templates import end_of_turn_token, render_all
 from chattune.throughput import StepMeter, matmul_params, peak_mem_gib, peak_tflops
@@ -75,15 +83,23 @@ def _check_output_dir(path: Path, resume: bool) -> None:
 
 
 def _write_adapter(
-    model, tokenizer, cfg: Config, model_dir: Path, system_prompt, target: Path, state_dict=None
+    model, tokenizer, cfg: Config, model_dir: Path, system_prompt, target: Path, state_dict=None, initial=None
 ) -> None:
     """Save adapter + tokenizer (with its chat template) + run config + inference facts, atomically.
 
     `state_dict`: the LoRA weights gathered whole, when the model holds only shards of them (FSDP).
+    `initial`: a PiSSA/OLoRA adapter as initialised, to save the adapter as a plain LoRA (methods.save_adapter).
+    Full fine-tuning (`lora.enabled: false`) writes a complete model directory instead.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(tmp, state_dict=state_dict)
+    if cfg.lora.enabled:
+        save_adapter(model, tmp, state_dict, initial)
+    else:
+        stops = sorted(
+            {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id}
+        )
+        save_full_model(model, tokenizer, tmp, checkpoint_dtype(model_dir), stops)
     tokenizer.save_pretrained(tmp)
     (tmp / "chattune.yaml").write_text(dump_config(cfg), encoding="utf-8")
     info = {
@@ -93,7 +109,10 @@ def _write_adapter(
         "end_of_turn_token": end_of_turn_token(tokenizer),
         "max_len": cfg.data.max_len,
         "trust_remote_code": cfg.model.trust_remote_code,
+        "method": "lora" if cfg.lora.enabled else "full",
     }
+    if cfg.model.quantization != "none":  # merge notes it: the adapter learned on a rounded copy of the base
+        info["trained_on_quantized_base"] = cfg.model.quantization
     (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
@@ -176,26 +195,37 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     attn = cfg.model.attn_implementation
     if attn == "auto":
         attn = pick_attn_implementation(device, tc.packing)
+    offload = tc.offload and device == "cuda"  # on the CPU everything is in host memory already
+    quantized = cfg.model.quantization != "none"
     if sharded:  # read in the device's dtype onto the host; FSDP then moves each rank's shard to the device
         dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
         model = load_model(
             model_dir, dataclasses.replace(cfg.model, dtype=dtype), "cpu", attn_implementation=attn
         )
-    else:
-        model = load_model(model_dir, cfg.model, device, attn_implementation=attn)
+    else:  # full fine-tuning: fp32 master weights (methods.training_model_config says why)
+        model_cfg = training_model_config(cfg.model, cfg.lora, offload)
+        model = load_model(model_dir, model_cfg, device, attn_implementation=attn)
     model.config.use_cache = False  # a KV cache would let packed documents see each other
-    model = add_lora(model, cfg.lora)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)  # full fine-tuning: every weight trains
+    initial_lora = initial_adapter_state(model, cfg.lora)  # PiSSA/OLoRA: to save a plain LoRA at the end
     # The largest micro-batch in tokens: what activation memory scales with.
     micro_tokens = tc.pack_tokens if tc.packing else tc.micro_batch_size * dc.max_len
-    offload = tc.offload and device == "cuda"  # on the CPU everything is in host memory already
     use_ckpt = tc.checkpointing == "on" or (
-        tc.checkpointing == "auto" and device == "cuda" and (offload or _memory_tight(model, micro_tokens))
+        tc.checkpointing == "auto"
+        and device == "cuda"
+        and (offload or quantized or _memory_tight(model, micro_tokens))
     )
     # Regional compilation: one decoder layer's code, reused by every layer. `auto` only for packs:
     # padded batches change width every step and would recompile again and again (an H100,
     # Qwen2.5-0.5B, one padded epoch of huanhuan: 1.7k tokens/s over the run with compilation, against
     # 2.3k for the tutorial's eager recipe).
-    use_compile = tc.compile == "on" or (tc.compile == "auto" and device == "cuda" and tc.packing)
+    # Quantized (bitsandbytes) layers are compiled only when asked for (`on`): not measured here yet.
+    use_compile = tc.compile == "on" or (
+        tc.compile == "auto" and device == "cuda" and tc.packing and not quantized
+    )
     if use_ckpt and use_compile:
         # Checkpointing by the compiler: with a memory budget of 0 the partitioner saves only each
         # compiled layer's inputs and recomputes the rest in the backward (what checkpointing does,
@@ -215,11 +245,13 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
         if not offload_input_embeddings(model, device):
             _say(
-                "note: train.offload: the embedding table is tied to the output head, so it stays on the GPU"
+                "note: train.offload: the embedding table is tied to the output head or trained, so it "
+                "stays on the GPU"
             )
     # Half-precision base weights with fp32 LoRA weights (peft's default): autocast runs the LoRA
     # matmuls in bf16 too, and peft's own input casting (an extra copy per LoRA layer) is turned off.
-    compute_dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
+    # Full fine-tuning's fp32 weights compute in the same half dtype under autocast.
+    compute_dtype = pick_dtype(cfg.model.dtype, device)
     half = device == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -244,12 +276,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             "processes, so some of them idle for part of every step; a multiple keeps all of them busy"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    if offload:
-        from chattune.offload import HostAdamW
-
-        optimizer = HostAdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device == "cuda")
+    optimizer = build_optimizer(model, cfg.lora, tc, device, offload)  # AdamW, LoRA+ groups, or on the host
     scheduler = get_scheduler(
         tc.lr_schedule,
         optimizer,
@@ -354,7 +381,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     _say(
         f"model: {cfg.model.name_or_path} on {device} ({next(model.parameters()).dtype}, attention {attn}, "
         f"checkpointing {'on' if use_ckpt else 'off'}, compiled layers {'on' if use_compile else 'off'}"
-        f"{', memory mode (offload)' if offload else ''}); LoRA trains {n_trainable:,} of {n_total:,} parameters; "
+        f"{', memory mode (offload)' if offload else ''}); {'LoRA' if cfg.lora.enabled else 'full fine-tuning'} trains {n_trainable:,} of {n_total:,} parameters; "
         f"{total_steps} optimizer steps over {n_epochs} epoch(s)"
         + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")
     )
@@ -457,8 +484,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     # ---- save: the adapter folder carries everything needed to use it --------------------------------------
     lora_state = gather_trainable(model) if sharded else None  # a collective: every rank takes part
+    saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     if world.is_main:
-        _write_adapter(model, tokenizer, cfg, model_dir, dc.system_prompt, out_dir / "adapter", lora_state)
+        _write_adapter(model, tokenizer, cfg, model_dir, dc.system_prompt, saved, lora_state, initial_lora)
         hardware = (
             torch.cuda.get_device_name()
             if device == "cuda"
@@ -489,7 +517,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         except Exception as e:  # a report problem must not lose a finished run
             _say(f"warning: could not write the run report: {e}")
         _say(
-            f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); adapter: {out_dir / 'adapter'}"
+            f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); {saved.name}: {saved}"
         )
     if use_ckpt and use_compile:
         functorch_config.activation_memory_budget = 1.0  # the default, for whatever runs next here
