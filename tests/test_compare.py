@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
+from chattune.charts import svg_chart
 from chattune.cli import main
-from chattune.compare import differing_keys, safetensors_numel, svg_chart, write_compare
+from chattune.compare import differing_keys, safetensors_numel, write_compare
 from chattune.config import Config, config_to_dict
 
 PROMPTS = ["你是谁？", "皇上驾到！"]

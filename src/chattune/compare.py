@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from chattune.charts import PALETTE, svg_chart
 from chattune.errors import ChattuneError
 
 # The run reader, number formats and the page renderer are report.py's: the compare page looks and
@@ -26,7 +27,6 @@ from chattune.report import (
     BASELINE_TAG,
     NOT_RECORDED,
     _Block,
-    _esc,
     _Figure,
     _fmt,
     _fmt_seconds,
@@ -40,12 +40,8 @@ from chattune.report import (
     _Text,
 )
 
-# Colour-blind-safe categorical palette (Okabe-Ito, then Tableau's); runs beyond it reuse colours.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-PALETTE += ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1"]
 # Keys that differ between any two runs by construction, not settings worth listing.
 _IGNORED_KEYS = {"train.output_dir", "track.experiment", "sweep.vary", "sweep.name", "train.progress"}
-_FONTS = 'system-ui,"Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Microsoft YaHei",sans-serif'
 _CURVES = [  # (key, x axis)
     ("train/loss", "step"),
     ("train/loss", "tokens"),
@@ -89,7 +85,6 @@ def write_compare(
         ("Curves", _curve_blocks(runs)),
         ("Answers side by side", _answer_blocks(runs, max_prompts)),
         ("Run facts", [_Table(["", *[r.label for r in runs]], _facts_rows(runs))]),
-        ("Settings that differ", _config_blocks(runs)),
     ]
     notes = [f"{r.label}: {note}" for r in runs for note in r.run.notes]
     if notes:
@@ -250,14 +245,6 @@ def differing_keys(runs: list[_Compared]) -> list[str]:
     ]
 
 
-def _config_blocks(runs: list[_Compared]) -> list[_Block]:
-    keys = differing_keys(runs)
-    if not keys:
-        return [_Text("The runs' configs are the same (output folder and experiment name aside).")]
-    rows = [[k, *[_fmt(r.config.get(k)) if k in r.config else NOT_RECORDED for r in runs]] for k in keys]
-    return [_Table(["setting", *[r.label for r in runs]], rows)]
-
-
 # ---- metrics ------------------------------------------------------------------------------------
 
 
@@ -319,15 +306,9 @@ def _points(r: _Compared, key: str, x_axis: str) -> list[tuple[float, float]]:
         step, value = row.get("step"), row.get(key)
         if not (_is_number(step) and _is_number(value) and math.isfinite(value)):
             continue
-        if x_axis == "tokens":
-            if _is_number(row.get("train/tokens_seen")):  # exact, should the trainer log it
-                x = row["train/tokens_seen"]
-            elif r.tokens_per_step is not None:
-                x = step * r.tokens_per_step
-            else:
-                continue
-        else:
-            x = step
+        if x_axis == "tokens" and r.tokens_per_step is None:
+            continue
+        x = step * r.tokens_per_step if x_axis == "tokens" else step
         points.append((float(x), float(value)))
     return points
 
@@ -353,92 +334,6 @@ def _curve_blocks(runs: list[_Compared]) -> list[_Block]:
     return blocks
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5, *, whole: bool = False) -> list[float]:
-    """About `n` round tick values (1, 2, 5 x 10^k apart) covering [lo, hi]; whole numbers with `whole`."""
-    if hi <= lo:  # one value (a constant learning rate): an axis 10 % either side of it
-        pad = abs(lo) * 0.1 or 0.5
-        lo, hi = lo - pad, lo + pad
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    step = max(step, 1) if whole else step
-    first = math.floor(lo / step) * step
-    count = math.ceil((hi - first) / step - 1e-9)
-    return [first + i * step for i in range(count + 1)]
-
-
-def _tick_label(value: float) -> str:
-    if value != 0 and abs(value) >= 1e6:
-        return f"{value / 1e6:g}M"
-    if value != 0 and abs(value) >= 1e4:
-        return f"{value / 1e3:g}k"
-    if value != 0 and abs(value) < 1e-2:
-        return f"{value:.3g}"
-    return f"{round(value, 10):g}"
-
-
-def svg_chart(title: str, x_label: str, series: list[tuple[str, str, list[tuple[float, float]]]]) -> str:
-    """A line chart as an inline <svg>: one <polyline> per series (label, colour, [(x, y)...]), in the
-    series' order, with markers and hover titles when points are few. Axes start at the data's range."""
-    width, height = 600, 340
-    left, right, top, bottom = 64, 16, 34, 52 + 18 * math.ceil(len(series) / 3)
-    height += bottom - 52
-    xs = [x for _, _, pts in series for x, _ in pts]
-    ys = [y for _, _, pts in series for _, y in pts]
-    x_ticks = _nice_ticks(min(xs), max(xs), whole=all(float(x).is_integer() for x in xs))
-    y_ticks = _nice_ticks(min(ys), max(ys))
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
-
-    def sy(y: float) -> float:
-        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
-
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-        f'height="{height}" role="img" aria-label="{_esc(title)}" font-family=\'{_FONTS}\' font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="#fff"/>',
-        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14" font-weight="600">{_esc(title)}</text>',
-    ]
-    for t in y_ticks:
-        y = sy(t)
-        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick_label(t)}</text>')
-    for t in x_ticks:
-        x = sx(t)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#f0f1f3"/>')
-        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{_tick_label(t)}</text>')
-    out.append(
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#9ca3af"/>'
-        f'<text x="{left + plot_w / 2}" y="{top + plot_h + 34}" text-anchor="middle">{_esc(x_label)}</text>'
-    )
-    for label, color, pts in series:
-        if not pts:
-            continue
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        out.append(
-            f'<polyline data-run="{_esc(label)}" points="{coords}" fill="none" stroke="{color}" '
-            'stroke-width="1.8" stroke-linejoin="round"/>'
-        )
-        if len(pts) <= 40:
-            for x, y in pts:
-                out.append(
-                    f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.8" fill="{color}">'
-                    f"<title>{_esc(label)}: {_tick_label(x)} → {y:.4g}</title></circle>"
-                )
-    for i, (label, color, pts) in enumerate(series):  # legend under the plot, three runs a line
-        lx, ly = left + (i % 3) * (plot_w / 3), top + plot_h + 52 + 18 * (i // 3)
-        missing = "" if pts else f" ({NOT_RECORDED})"
-        out.append(
-            f'<line x1="{lx:.1f}" x2="{lx + 18:.1f}" y1="{ly - 4}" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>'
-            f'<text x="{lx + 24:.1f}" y="{ly}">{_esc(label + missing)}</text>'
-        )
-    out.append("</svg>")
-    return "\n".join(out)
-
-
 # ---- answers side by side -------------------------------------------------------------------------
 
 
@@ -456,13 +351,14 @@ def _answers(r: _Compared, tag: str | None) -> dict[tuple[str, int], dict[str, A
 
 
 def _final_tag(r: _Compared) -> str | None:
-    tags = {}
+    """The tag of the run's last evaluation with answers (e.g. `epoch 2`), as report.py picks it."""
+    steps: dict[str, float | None] = {}
     for row in r.run.predictions:
-        tags.setdefault(
-            str(row.get("tag") or "?"), {"tag": str(row.get("tag") or "?"), "step": row.get("step")}
-        )
-    rows = [{**t, "step": t["step"] if _is_number(t["step"]) else None} for t in tags.values()]
-    final = _last_non_baseline(sorted(rows, key=lambda t: (t["step"] is None, t["step"] or 0)))
+        steps.setdefault(str(row.get("tag") or "?"), row["step"] if _is_number(row.get("step")) else None)
+    rows = sorted(
+        ({"tag": t, "step": s} for t, s in steps.items()), key=lambda t: (t["step"] is None, t["step"] or 0)
+    )
+    final = _last_non_baseline(rows)
     return final["tag"] if final else None
 
 
@@ -526,20 +422,27 @@ def _facts_rows(runs: list[_Compared]) -> list[list[str]]:
         prints = [p for p in prints if p] or ([data["train_sha256"]] if data.get("train_sha256") else [])
         return ", ".join(str(p)[:12] for p in prints) if prints else NOT_RECORDED
 
+    def peak_mem(r: _Compared) -> float | None:  # a crashed run has no summary: its log lines' largest
+        peaks = [
+            row["train/peak_mem_gib"] for row in r.run.train_rows if _is_number(row.get("train/peak_mem_gib"))
+        ]
+        return r.run.summary.get("peak_mem_gib", max(peaks, default=None))
+
     params = [_param_counts(r.run_dir) for r in runs]
     rows = [
         ["status", *["finished" if r.finished else "not finished" for r in runs]],
         ["model", *[_fmt(r.config.get("model.name_or_path")) for r in runs]],
+        ["base model parameters", *[_fmt(total) for _, total in params]],
+        ["trainable (LoRA) parameters", *[_fmt(trainable) for trainable, _ in params]],
     ]
-    rows.append(["base model parameters", *[_fmt(total) for _, total in params]])
-    rows.append(["trainable (LoRA) parameters", *[_fmt(trainable) for trainable, _ in params]])
-    for key in differing_keys(runs):
-        if key != "model.name_or_path":
-            rows.append([key, *[_fmt(r.config.get(key)) for r in runs]])
+    # What the runs differ in (a sweep's varied keys), next to what it cost.
+    rows += [
+        [k, *[_fmt(r.config.get(k)) for r in runs]] for k in differing_keys(runs) if k != "model.name_or_path"
+    ]
     rows += [
         ["tokens/s", *[_fmt(r.run.summary.get("tokens_per_s", mean(r, "train/tokens_per_s"))) for r in runs]],
         ["MFU (mean of train/mfu)", *[_fmt(mean(r, "train/mfu")) for r in runs]],
-        ["peak memory (GiB)", *[_fmt(r.run.summary.get("peak_mem_gib")) for r in runs]],
+        ["peak memory (GiB)", *[_fmt(peak_mem(r)) for r in runs]],
         ["wall time", *[seconds(r.run.summary.get("wall_s")) for r in runs]],
         ["train time (optimizer steps only)", *[seconds(r.run.summary.get("train_s")) for r in runs]],
         ["train tokens", *[_fmt(r.run.summary.get("train_tokens")) for r in runs]],
