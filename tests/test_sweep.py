@@ -49,6 +49,9 @@ def test_variants_are_every_combination_with_readable_unique_folders(tmp_path):
     assert slug_of([("model.name_or_path", "Qwen/Qwen2.5-7B-Instruct")]) == "Qwen2.5-7B-Instruct"
     assert slug_of([("lora.r", "16"), ("train.lr", "2e-4")]) == "r16_lr2e-4"
     assert slug_of([("lora.target_modules", "[q_proj, v_proj]")]) == "target_modules-q_proj-v_proj"
+    assert slug_of([("data.train_path", "data/legal.json"), ("train.packing", "true")]) == (
+        "train_path-legal.json_packing-true"
+    )
     variants = build_variants({"lora.r": ["8", "16"], "train.lr": ["1e-4", "2e-4"]}, tmp_path)
     assert [v.slug for v in variants] == ["r8_lr1e-4", "r8_lr2e-4", "r16_lr1e-4", "r16_lr2e-4"]
     assert variants[1].overrides == ["lora.r=8", "train.lr=2e-4"]
@@ -233,3 +236,31 @@ def test_a_bad_value_fails_before_anything_runs(tiny_model_dir, data_slice, tmp_
     assert main(["sweep", str(config)]) == 2  # nothing to vary
     assert "nothing to vary" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_restarts_a_variant_stopped_before_its_first_checkpoint(
+    tiny_model_dir, data_slice, tmp_path, monkeypatch
+):
+    """No checkpoint to resume from: its files are moved aside and it starts again (no training here:
+    the variant's process is replaced by one that records its command and writes a finished run)."""
+    commands = []
+
+    def fake_train(cmd, env, **kw):
+        commands.append(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("train.output_dir=")).split("=", 1)[1])
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text("lora: {r: 4}\n")
+        (run_dir / "summary.json").write_text("{}")
+        (run_dir / "adapter").mkdir()
+        (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+        return 0
+
+    monkeypatch.setattr("chattune.sweep.subprocess.call", fake_train)
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data_slice, tmp_path / "runs")
+    (tmp_path / "runs" / "r4").mkdir(parents=True)
+    (tmp_path / "runs" / "r4" / "metrics.jsonl").write_text('{"step": 0}\n')  # stopped early
+    assert main(["sweep", str(config), "track.backend=none", "--vary", "lora.r=4", "--resume"]) == 0
+    (cmd,) = commands
+    assert "--resume" not in cmd and cmd[cmd.index("train") + 1] == str(config)
+    assert (tmp_path / "runs" / "r4.interrupted" / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    assert is_finished(tmp_path / "runs" / "r4")

@@ -85,15 +85,22 @@ def parse_vary(items: list[str], where: str) -> dict[str, list[str]]:
 
 def slug_of(assignment: list[tuple[str, str]]) -> str:
     """A short folder name from a variant's values: `model.name_or_path=Qwen/Qwen2.5-7B-Instruct` ->
-    `Qwen2.5-7B-Instruct`, `lora.r=16` -> `r16`, joined with `_`; only [A-Za-z0-9._-] survive."""
+    `Qwen2.5-7B-Instruct`, `lora.r=16` -> `r16`, `data.train_path=d/a.json` -> `train_path-a.json`,
+    joined with `_`; only [A-Za-z0-9._-] survive (build_variants keeps colliding names apart)."""
     parts = []
     for key, value in assignment:
         value = value.strip("\"'")
+        if "/" in value.rstrip("/"):  # a path or hub id: its last part names it
+            value = value.rstrip("/").rsplit("/", 1)[-1]
+        name = key.rsplit(".", 1)[-1]
         if key == "model.name_or_path":
-            parts.append(value.rstrip("/").rsplit("/", 1)[-1].removeprefix("builtin:"))
+            parts.append(value.removeprefix("builtin:"))
+        elif re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", value, re.I):
+            parts.append(name + value)  # r16, lr2e-4, max_len512
         else:
-            parts.append(key.rsplit(".", 1)[-1] + value)
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-.") or "variant"
+            parts.append(f"{name}-{value}")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+    slug = re.sub(r"-{2,}", "-", slug).strip("-.") or "variant"
     return slug[:80]
 
 
