@@ -111,6 +111,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from chattune.sweep import run_sweep
+
+    failed = run_sweep(args.config, args.overrides, args.vary, resume=args.resume, gpus=args.gpus)
+    if failed:
+        print(
+            f"error: {failed} variant(s) failed (see above); rerun with --resume to retry them",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from chattune.compare import write_compare
+
+    dirs = [Path(d) for d in args.run_dirs]
+    # Default: beside the runs when they share a folder (a sweep's layout), else here.
+    parents = {d.resolve().parent for d in dirs}
+    output = Path(args.output) if args.output else (parents.pop() if len(parents) == 1 else Path.cwd())
+    html, md = write_compare(dirs, output)
+    print(f"wrote {html} and {md}", file=sys.stderr)
+    return 0
+
+
 def cmd_merge(args) -> int:
     from chattune.merge import merge_adapter
 
@@ -210,6 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
     r.add_argument("run_dir", help="a training run's output directory")
     r.set_defaults(func=cmd_report)
+
+    w = sub.add_parser(
+        "sweep", help="run one config several times (--vary key=V1,V2), then write one compare page"
+    )
+    w.add_argument("config", help="YAML config file; its sweep.vary list is used too")
+    w.add_argument("overrides", nargs="*", help="section.key=value for every variant (before --vary)")
+    w.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="values to try for one key, e.g. lora.r=8,16; repeat for every combination",
+    )
+    w.add_argument("--resume", action="store_true", help="skip finished variants, resume the interrupted one")
+    w.add_argument(
+        "--gpus", type=int, default=None, metavar="N", help="run N variants side by side, one per GPU"
+    )
+    w.set_defaults(func=cmd_sweep)
+
+    cp = sub.add_parser("compare", help="one HTML page (and Markdown) putting several runs side by side")
+    cp.add_argument("run_dirs", nargs="+", help="training runs' output directories")
+    cp.add_argument("--output", default=None, help="folder for compare.html (default: the runs' parent)")
+    cp.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("merge", help="merge an adapter into its base model: one standalone model directory")
     m.add_argument("adapter", help="adapter folder (out/<run>/adapter)")

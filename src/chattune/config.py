@@ -276,6 +276,18 @@ class TrackConfig:
     """The run's name in SwanLab; default: SwanLab picks one."""
     description: str | None = None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    """SwanLab experiment group; `chattune sweep` puts all its variants in one (the sweep's name)."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Variants run by `chattune sweep` (one ordinary run each); `chattune train` ignores this section."""
+
+    vary: list[str] = field(default_factory=list)
+    """`section.key=V1,V2,...` as `--vary` takes it; several entries run every combination."""
+    name: str | None = None
+    """The sweep's SwanLab group and tag and its compare page's title; default: the config file's name."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +298,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # -- checks that types alone cannot express; each returns a reason or None ---------------------------

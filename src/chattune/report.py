@@ -134,6 +134,7 @@ class _Table:
 class _Figure:
     key: str
     png: bytes | None
+    svg: str | None = None  # an inline chart (compare.py draws them), shown instead of a PNG
 
 
 @dataclass
@@ -363,7 +364,7 @@ th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:to
 table.predictions{table-layout:fixed;width:100%}
 table.predictions td{white-space:pre-wrap;overflow-wrap:anywhere}
 .figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:12px}
-.figures img{width:100%;height:auto;border:1px solid #d0d7de}
+.figures img,.figures svg{width:100%;height:auto;border:1px solid #d0d7de}
 .missing{border:1px dashed #d0d7de;padding:24px;color:#656d76;display:flex;align-items:center;
 justify-content:center}
 """
@@ -382,7 +383,9 @@ def _render_html(title: str, sections: list[tuple[str, list[_Block]]]) -> str:
         if figures:
             out.append('<div class="figures">')
             for fig in figures:
-                if fig.png is None:
+                if fig.svg is not None:
+                    out.append(fig.svg)
+                elif fig.png is None:
                     out.append(f'<div class="missing">{_esc(fig.key)}: {NOT_RECORDED}</div>')
                 else:
                     data = base64.b64encode(fig.png).decode("ascii")
@@ -419,7 +422,12 @@ def _render_md(title: str, sections: list[tuple[str, list[_Block]]], files_dir: 
         for block in blocks:
             if isinstance(block, _Figure):
                 path = files_dir / _png_name(block.key)
-                if block.png is None:
+                if block.svg is not None:
+                    files_dir.mkdir(exist_ok=True)
+                    path = path.with_suffix(".svg")
+                    path.write_text(block.svg, encoding="utf-8")
+                    out.append(f"![{_md_escape(block.key)}]({files_dir.name}/{path.name})")
+                elif block.png is None:
                     path.unlink(missing_ok=True)  # a stale image from an earlier report would mislead
                     out.append(f"{_md_escape(block.key)}: {NOT_RECORDED}")
                 else:

@@ -252,6 +252,7 @@ def _start_swanlab(cfg: TrackConfig, run_dir: Path, hparams: dict) -> _SwanLabBa
             name=cfg.experiment,
             description=cfg.description,
             tags=list(cfg.tags) or None,
+            group=cfg.group,
             config=hparams,
             # Only an explicit `cloud` run on a real terminal may ask for a key; CI has no stdin.
             settings=swanlab.Settings(interactive=mode == "online" and cfg.mode == "cloud" and _can_prompt()),
