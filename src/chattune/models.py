@@ -323,6 +323,7 @@ def build_peft_config(cfg: LoraConfig):
         use_rslora=cfg.use_rslora,
         init_lora_weights=True if cfg.init == "default" else cfg.init,
         modules_to_save=list(cfg.modules_to_save) or None,
+        layers_to_transform=list(cfg.layers_to_transform) if cfg.layers_to_transform else None,
     )
 
 
@@ -331,6 +332,12 @@ def add_lora(model, cfg: LoraConfig):
     from peft import get_peft_model
 
     peft_cfg = build_peft_config(cfg)
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if cfg.layers_to_transform and n_layers and max(cfg.layers_to_transform) >= n_layers:
+        raise ConfigError(
+            "lora.layers_to_transform",
+            f"{max(cfg.layers_to_transform)} is not a layer of this model: it has {n_layers} (0 to {n_layers - 1})",
+        )
     if cfg.modules_to_save:
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [m for m in cfg.modules_to_save if m not in names]
