@@ -98,7 +98,9 @@ class DataConfig:
     """`keep_end`: cut the answer but keep its end-of-turn token labeled; `cut_prompt`: drop the oldest
     turns, then cut the last question from the left, keeping the system prompt (an answer too long on its
     own keeps its question's end and is cut as by `keep_end`); `drop`: drop the example.
-    An example left with no answer token is dropped and counted, never trained all-masked."""
+    Every mode keeps an example only with at least one answer token besides the end-of-turn token (an
+    answer cut to its stop token alone would teach the model to answer nothing); the rest is dropped and
+    counted with the reason, never trained all-masked."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Which assistant turns of a multi-turn conversation are trained (labeled)."""
     max_samples: int | None = None
