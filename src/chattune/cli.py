@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from chattune.config import config_from_dict, parse_overrides
+    from chattune.config import check_output_dir, config_from_dict, parse_overrides
     from chattune.infer import generate
     from chattune.loading import load_for_inference
     from chattune.train import run
@@ -68,6 +68,7 @@ def cmd_demo(args) -> int:
         sec, _, name = key.partition(".")
         tree.setdefault(sec, {})[name] = value
     cfg = config_from_dict(tree, "demo config")
+    check_output_dir(cfg.train, "demo config")
     out = run(cfg)
     loaded = load_for_inference(out / "adapter")
     question = "你是谁？"

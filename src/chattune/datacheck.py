@@ -181,7 +181,7 @@ def _load(args):
     from chattune.config import load_config
     from chattune.data import read_splits
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_output=False)  # data commands write no run
     tokenizer, model_dir = load_data_tokenizer(cfg.model)
     train, held, read_report, eval_report = read_splits(cfg.data, cfg.train.seed)
     return cfg, tokenizer, model_dir, train, held, read_report, eval_report

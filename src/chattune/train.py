@@ -294,8 +294,6 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     data_info: dict = {}
     tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
     if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         data_info = {
             "train_path": dc.train_path,
             "train_sha256": file_sha256(dc.train_path) if _is_file(dc.train_path) else None,
@@ -308,7 +306,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         }
         hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
         hparams["params"] = {"trainable": n_trainable, "total": n_total}
+        # The first write: a tracker asked for that cannot start stops the run here and leaves nothing.
         tracker = build_tracker(cfg.track, out_dir, hparams)
+        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     from chattune.loading import Loaded
 
     eot = end_of_turn_token(tokenizer)
