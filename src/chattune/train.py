@@ -30,7 +30,7 @@ from pathlib import Path
 from chattune.checkpoints import load_checkpoint, save_checkpoint
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
-from chattune.datacheck import preflight
+from chattune.datacheck import preflight, require_examples
 from chattune.distributed import (
     broadcast_trainable,
     check_launch,
@@ -132,8 +132,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
     eval_ex, eval_report = render_all(tokenizer, eval_convs, **render_kw)
-    if not train_ex:
-        raise ChattuneError(f"{dc.train_path}: no example left to train on ({train_report.as_dict()})")
+    require_examples(train_report, dc)  # a readable refusal when every conversation was dropped
     if cfg.eval.max_eval_examples is not None:
         eval_ex = eval_ex[: cfg.eval.max_eval_examples]
     if cfg.eval.samples_path:
