@@ -157,6 +157,7 @@ def cmd_serve(args) -> int:
         dtype=args.dtype,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        max_body_bytes=int(args.max_body_mb * 2**20),
     )
     return 0
 
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    s.add_argument(
+        "--max-body-mb", type=float, default=4.0, help="larger request bodies are refused (413); default 4"
+    )
     s.set_defaults(func=cmd_serve)
     return p
 
