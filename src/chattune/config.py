@@ -462,6 +462,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any, path: str | None) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """`train.lr=2e-4` -> ("train.lr", 0.0002). Values are parsed as YAML scalars/lists."""
     out = []
@@ -472,7 +479,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(key, f"cannot parse value {raw[:80]!r}: {_yaml_problem(e)}") from None
         except RecursionError:
             raise ConfigError(key, "the value is nested too deeply") from None
         # YAML reads 2e-4 as a string (no dot); accept the number the user meant.
@@ -511,7 +518,7 @@ def load_config(
         try:
             tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError("(file)", f"not valid YAML: {e}", where) from None
+            raise ConfigError("(file)", f"not valid YAML: {_yaml_problem(e)}", where) from None
         except RecursionError:
             raise ConfigError("(file)", "nested too deeply to be a config", where) from None
         except UnicodeDecodeError as e:
