@@ -70,3 +70,124 @@ def test_example_configs_load(path):
     cfg = load_config(path)
     assert Path(cfg.data.train_path).is_file(), "example configs point at the bundled data"
     assert cfg.lora.target_modules
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("train:\n  lr: .nan\n", "train.lr"),
+        ("train:\n  lr: .inf\n", "train.lr"),
+        ("train:\n  epochs: .inf\n", "train.epochs"),
+        ("train:\n  max_grad_norm: .nan\n", "train.max_grad_norm"),
+        ("train:\n  max_grad_norm: 0\n", "train.max_grad_norm"),
+        ("train:\n  weight_decay: -0.1\n", "train.weight_decay"),
+        ("train:\n  warmup_ratio: -.inf\n", "train.warmup_ratio"),
+        ("lora:\n  dropout: .nan\n", "lora.dropout"),
+        ("data:\n  eval_ratio: .NaN\n", "data.eval_ratio"),
+        ("eval:\n  max_eval_examples: 0\n", "eval.max_eval_examples"),
+        ("train:\n  seed: -1\n", "train.seed"),
+        ("train:\n  seed: 18446744073709551616\n", "train.seed"),
+        ("train:\n  lr: 1e400\n", "train.lr"),
+    ],
+)
+def test_non_finite_and_meaningless_numbers_are_refused_at_load(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.key == key and str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-inf", "1e999"])
+def test_non_finite_overrides_are_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="finite") as e:
+        load_config(write(tmp_path, ""), [f"train.lr={value}"])
+    assert e.value.key == "train.lr"
+
+
+def test_output_dir_must_be_a_writable_directory(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file") as e:
+        load_config(write(tmp_path, f"train:\n  output_dir: {tmp_path / 'a-file'}\n"))
+    assert e.value.key == "train.output_dir"
+    with pytest.raises(ConfigError, match="is a file"):
+        load_config(write(tmp_path, f"train:\n  output_dir: {tmp_path / 'a-file' / 'run'}\n"))
+    # Unwritable: the probe file cannot be created (as root, permissions would not stop it, so the
+    # refusal of the file system is simulated).
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(ConfigError, match="cannot write in .*Permission denied"):
+        load_config(write(tmp_path, f"train:\n  output_dir: {tmp_path / 'new' / 'run'}\n"))
+    monkeypatch.undo()
+    cfg = load_config(write(tmp_path, f"train:\n  output_dir: {tmp_path / 'new' / 'run'}\n"))
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".chattune-probe-*"))  # nothing left
+    # Data commands write no run: they do not check it.
+    load_config(write(tmp_path, f"train:\n  output_dir: {tmp_path / 'a-file'}\n"), check_output=False)
+    assert cfg.train.output_dir.endswith("run")
+
+
+def test_unwritable_output_dir_for_real(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(ConfigError, match="cannot write"):
+        load_config(write(tmp_path, f"train:\n  output_dir: {locked / 'run'}\n"))
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path):
+    p = write(tmp_path, "train: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply|not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="nested too deeply|cannot parse"):
+        load_config(None, ["train.lr=" + "[" * 100_000 + "]" * 100_000])
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("track:\n  backend: swanlab\n  project: 法律问答微调\n", "track.project"),
+        ("track:\n  backend: swanlab\n  project: my project\n", "track.project"),
+        ("track:\n  backend: swanlab\n  project: ''\n", "track.project"),
+        ("track:\n  backend: swanlab\n  project: " + "p" * 101 + "\n", "track.project"),
+        ("track:\n  backend: swanlab\n  experiment: ''\n", "track.experiment"),
+        ("track:\n  backend: swanlab\n  description: " + "d" * 1025 + "\n", "track.description"),
+        ("track:\n  backend: swanlab\n  tags: [" + "t" * 513 + "]\n", "track.tags[0]"),
+    ],
+)
+def test_swanlab_names_are_checked_at_load(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.key == key
+
+
+def test_swanlab_name_rule_is_swanlabs_own():
+    """Our copy of the rule agrees with the installed swanlab's (pydantic) constraint."""
+    from pydantic import TypeAdapter, ValidationError
+    from swanlab.sdk.internal.pkg.constraints import ProjectName
+
+    from chattune.config import _SWANLAB_PROJECT
+
+    adapter = TypeAdapter(ProjectName)
+    for name in [
+        "chattune",
+        "a.b+c-d_e",
+        "法律问答微调",
+        "my project",
+        "",
+        "x" * 100,
+        "x" * 101,
+        "a/b",
+        "ok\n",
+    ]:
+        try:
+            adapter.validate_python(name)
+            theirs = True
+        except ValidationError:
+            theirs = False
+        assert bool(_SWANLAB_PROJECT.fullmatch(name)) == theirs, name

@@ -256,3 +256,25 @@ def test_config_keys_round_trip_through_yaml():
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
     with pytest.raises(ConfigError, match="data.columns.promt"):
         config_from_dict({"data": {"columns": {"promt": "q"}}})
+
+
+def test_deeply_nested_json_is_a_bad_row_naming_file_and_line(tmp_path):
+    deep = "[" * 200_000 + "]" * 200_000
+    good = '{"instruction": "q", "output": "a"}'
+    jsonl = tmp_path / "deep.jsonl"
+    jsonl.write_text(f'{good}\n{{"instruction": "q", "output": {deep}}}\n{good}\n')
+    with pytest.raises(DataError) as e:
+        read_conversations(jsonl)
+    assert (e.value.path, e.value.line) == (str(jsonl), 2) and "nested too deeply" in str(e.value)
+    convs, report = read_conversations(jsonl, on_bad_row="skip")
+    assert len(convs) == 2 and sum(report.skipped.values()) == 1
+    array = tmp_path / "deep.json"
+    array.write_text(f"[\n{good},\n{deep}\n]")
+    with pytest.raises(DataError, match="nested too deeply") as e:
+        read_conversations(array, on_bad_row="skip")  # the array cannot be read past it
+    assert e.value.line == 3
+    csv = tmp_path / "deep.csv"
+    csv.write_text("messages\n" + "[" * 50_000 + "]" * 50_000 + "\n")  # under csv's field size limit
+    with pytest.raises(DataError, match="nested too deeply") as e:
+        read_conversations(csv)
+    assert e.value.line == 2

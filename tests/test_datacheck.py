@@ -187,3 +187,20 @@ def test_named_ernie_template_on_a_tokenizer_only_directory(tmp_path, qwen_token
     captured = capsys.readouterr()
     assert "end-of-turn '<|end_of_sentence|>'" in captured.out
     assert "first trained token also holds template text" in captured.err  # ' 皇' joins 'Assistant: '
+
+
+@pytest.mark.parametrize("overrides", [["data.truncation=drop"], ["data.max_len=8", "data.on_bad_row=skip"]])
+def test_check_and_train_refuse_data_whose_every_row_is_dropped(tmp_path, capsys, overrides):
+    data = tmp_path / "long.jsonl"
+    rows = [{"instruction": "很长的问题" * 40, "output": "回答" * 40} for _ in range(3)]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = write_config(tmp_path, {"train_path": str(data), "max_len": 64})
+    assert main(["data", "check", str(cfg), *overrides]) == 2
+    out, err = capsys.readouterr()
+    assert "ok:" not in out
+    assert err.startswith(f"error: {data}: no example left to train on: all 3 conversations were dropped (3 ")
+    assert "{" not in err and "\n" not in err.strip() and "data.max_len" in err
+    run_dir = tmp_path / "run"
+    assert main(["train", str(cfg), *overrides, f"train.output_dir={run_dir}", "eval.samples=0"]) == 2
+    # (the first use of the built-in model writes it to the cache, with progress output, before the error)
+    assert capsys.readouterr().err.strip().endswith(err.strip()) and not run_dir.exists()

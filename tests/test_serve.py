@@ -386,3 +386,142 @@ def test_vllm_engine_through_the_cli(adapter, tiny_model_dir, qwen_tokenizer, tm
     )
     assert rendered == build_generation_prompt(qwen_tokenizer, HELLO, SYSTEM)
     assert not list(Path(tempfile.gettempdir()).glob("chattune-vllm-*"))  # the template file is cleaned up
+
+
+# -- hardening: client mistakes are 4xx, internals stay in the log, bounded bodies, a free event loop ------
+def _raw(url: str, head: str, body: bytes = b"", read: bool = True, timeout: float = 10) -> tuple[int, bytes]:
+    """Send raw bytes (a request the HTTP libraries would not send); return (status, response body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        if not read:
+            return 0, b""
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def _health_time(url: str) -> float:
+    start = time.perf_counter()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{url}/health", timeout=10) as r:
+        assert r.status == 200
+    return time.perf_counter() - start
+
+
+def test_oversized_bodies_get_413_at_once_and_health_keeps_answering(loaded):
+    from chattune.serve import build_app
+
+    with serving(build_app(loaded, max_body_bytes=1 << 20)) as url:
+        # 10 MB declared: refused from the headers, before the body is read
+        head = "POST /v1/chat/completions HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+        start = time.perf_counter()
+        status, body = _raw(url, head + f"Content-Length: {10 << 20}\n", b'{"messages": "' + b"x" * 65536)
+        assert status == 413 and "larger than" in json.loads(body)["error"]["message"]
+        assert time.perf_counter() - start < 5 and _health_time(url) < 2
+        # no length declared (chunked): refused once more than the limit has arrived
+        chunk = b"x" * (256 << 10)
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5))
+        status, body = _raw(url, head + "Transfer-Encoding: chunked\n", chunks)
+        assert status == 413
+        # under the limit, a normal answer
+        ok = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+        assert _post(f"{url}/v1/chat/completions", ok, key=None)[0] == 200
+
+
+def test_health_answers_while_a_request_is_being_prepared(loaded, monkeypatch):
+    """Rendering and counting a large prompt take seconds; they must not hold the event loop."""
+    import chattune.serve
+    from chattune.serve import build_app
+
+    app = build_app(loaded)
+    release = threading.Event()
+    real = chattune.serve.count_tokens
+
+    def slow_count(loaded, prompt):
+        release.wait(timeout=20)  # held until /health has answered (or the test gives up)
+        return real(loaded, prompt)
+
+    monkeypatch.setattr(chattune.serve, "count_tokens", slow_count)
+    with serving(app) as url:
+        body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_post, f"{url}/v1/chat/completions", body, None)
+            time.sleep(0.3)  # the request is now inside count_tokens
+            try:
+                assert _health_time(url) < 5
+            finally:
+                release.set()
+            assert pending.result(timeout=60)[0] == 200
+
+
+def test_a_500_names_no_internals_and_the_log_has_them(loaded, monkeypatch, caplog):
+    import logging
+
+    import chattune.serve
+    from chattune.serve import build_app
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA error at /opt/secret/kernel.cu:42")
+
+    monkeypatch.setattr(chattune.serve, "generate_completions", broken)
+    monkeypatch.setattr(chattune.serve, "stream_events", broken)
+    with caplog.at_level(logging.ERROR, logger="chattune.serve"), serving(build_app(loaded)) as url:
+        body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+        status, err = _post(f"{url}/v1/chat/completions", body, key=None)
+        assert status == 500 and "secret" not in json.dumps(err) and "reference" in err["error"]["message"]
+        stream = json.dumps({"messages": HELLO, "max_tokens": 2, "stream": True}).encode()
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        req = urllib.request.Request(f"{url}/v1/chat/completions", data=stream)
+        with opener.open(req, timeout=30) as r:
+            text = r.read().decode()
+        assert '"error"' in text and "secret" not in text
+    assert any("secret" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_client_leaving_a_plain_request_stops_its_generation(server, loaded, monkeypatch):
+    """A non-streamed request whose client has gone must not keep the single worker generating."""
+    from chattune.infer import generate_completions
+
+    assert (
+        generate_completions(loaded, [HELLO], max_new_tokens=450)[0].completion_tokens == 450
+    )  # no early stop
+    generated: list[int] = []
+    real = loaded.model.generate
+
+    def recording(**kw):
+        out = real(**kw)
+        generated.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(loaded.model, "generate", recording)
+    body = json.dumps({"model": loaded.name, "messages": HELLO, "max_tokens": 450}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\nHost: x\nAuthorization: Bearer {KEY}\n"
+        f"Content-Type: application/json\nContent-Length: {len(body)}\n"
+    )
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        time.sleep(0.3)  # generating now
+    deadline = time.monotonic() + 30
+    while not generated:
+        assert time.monotonic() < deadline, "generation went on after the client left"
+        time.sleep(0.02)
+    assert generated[0] < 450
+    assert (
+        _post(f"{server}/v1/chat/completions", json.dumps({"messages": HELLO, "max_tokens": 2}).encode())[0]
+        == 200
+    )

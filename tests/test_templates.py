@@ -246,3 +246,136 @@ def test_check_parity_refuses_when_the_ids_differ(qwen_tokenizer, monkeypatch):
     )
     with pytest.raises(TemplateError, match="f.jsonl:7: rendered ids differ"):
         check_parity(tok, [conv])
+
+
+# -- the minimum answer worth training, in every truncation mode -------------------------------------------
+LEGAL_ROW = {
+    "instruction": "请详细说明劳动合同解除时经济补偿金的计算方法，包括工作年限、月工资基数以及上限的规定。",
+    "input": "",
+    "output": "根据劳动合同法第四十七条，经济补偿按劳动者在本单位工作的年限，每满一年支付一个月工资的标准向劳动者支付。",
+}
+
+
+@pytest.mark.parametrize("truncation", ["keep_end", "cut_prompt", "drop"])
+def test_no_mode_trains_an_answer_cut_to_its_end_of_turn_alone(qwen_tokenizer, truncation):
+    """The issue's row at max_len 54 (its prompt is 53 tokens), and every max_len around it: an example is
+    kept only with at least one answer token besides <|im_end|>; the rest is dropped with the reason."""
+    tok = qwen_tokenizer
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    msgs = to_messages(LEGAL_ROW)
+    for max_len in range(40, 100):
+        r = render(tok, msgs, max_len=max_len, truncation=truncation)
+        if isinstance(r, str):
+            assert r.startswith(("no answer token", "longer than", "answer longer")), r
+            continue
+        answer = [lab for lab in r.labels if lab != IGNORE_INDEX]
+        assert answer[-1] == eot and len(answer) >= 2, (max_len, tok.decode(r.input_ids))
+    if truncation == "keep_end":
+        assert render(tok, msgs, max_len=54).startswith("no answer token left within data.max_len (54")
+
+
+def test_a_later_turn_cut_to_nothing_is_not_trained_but_earlier_ones_are(qwen_tokenizer):
+    tok = qwen_tokenizer
+    first = [{"role": "user", "content": "一"}, {"role": "assistant", "content": "二"}]
+    msgs = [*first, {"role": "user", "content": "三"}, {"role": "assistant", "content": "很长的回答" * 20}]
+    # max_len ending exactly at the last answer's first token: that turn would be "question -> <|im_end|>".
+    prompt_len = len(_ids(tok, msgs[:3], add_generation_prompt=True))
+    r = render(tok, msgs, max_len=prompt_len + 1)
+    assert trained_text(tok, r) == "二<|im_end|>" and r.truncated
+    single = msgs[2:]  # the same cut with no earlier turn: nothing is left to train, counted as dropped
+    cut = len(_ids(tok, single[:1], add_generation_prompt=True)) + 1
+    examples, report = render_all(
+        tok, [Conversation(single, "f.jsonl:3")], max_len=cut, on_bad_row="skip", cache=False
+    )
+    assert examples == [] and list(report.dropped) == [
+        f"no answer token left within data.max_len ({cut} tokens)"
+    ]
+
+
+# -- cut_prompt: near-linear in the number of turns, the same result as dropping turn by turn ------------
+def _cut_prompt_turn_by_turn(tokenizer, messages, max_len, train_on):
+    """The earlier algorithm (one re-render per dropped exchange, cubic in turns): the reference."""
+    from chattune.templates import _fit, encode, template_facts
+
+    msgs = [dict(m) for m in messages]
+    first = 1 if msgs[0]["role"] == "system" else 0
+    for _ in range(len(msgs) + 8):
+        out = encode(tokenizer, [msgs], train_on=train_on)[0]
+        excess = len(out.input_ids) - max_len
+        if excess <= 0:
+            out.truncated = True
+            return out
+        if len(msgs) - first > 2:
+            del msgs[first : first + 2]
+            continue
+        question = msgs[first]["content"]
+        offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if excess >= len(offsets):
+            keep = max(1, min(len(offsets), max_len // 4))
+            if len(offsets) > keep:
+                msgs[first]["content"] = question[offsets[len(offsets) - keep - 1][1] :]
+            out = encode(tokenizer, [msgs], train_on=train_on)[0]
+            return _fit(out, max_len, "keep_end", template_facts(tokenizer).eot_id)
+        msgs[first]["content"] = question[offsets[excess - 1][1] :]
+    return "answer longer than data.max_len on its own"
+
+
+def _long_conversation(turns: int, system: bool = True, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    msgs = [{"role": "system", "content": SYSTEM}] if system else []
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"第{i}问：" + "为什么" * rng.randint(1, 30)})
+        msgs.append({"role": "assistant", "content": f"答{i}：" + "因为" * rng.randint(1, 30)})
+    return msgs
+
+
+@pytest.mark.parametrize("system", [True, False], ids=["system", "default-system"])
+@pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
+def test_cut_prompt_equals_dropping_turn_by_turn(qwen_tokenizer, system, train_on):
+    tok = qwen_tokenizer
+    for seed, turns in enumerate([2, 3, 5, 9, 14]):
+        msgs = _long_conversation(turns, system, seed)
+        for max_len in (40, 64, 100, 180, 300):
+            full = render(tok, msgs, max_len=10**6, train_on=train_on)
+            if len(full.input_ids) <= max_len:
+                continue
+            want = _cut_prompt_turn_by_turn(tok, msgs, max_len, train_on)
+            got = render(tok, msgs, max_len=max_len, truncation="cut_prompt", train_on=train_on)
+            if isinstance(want, str) or isinstance(got, str):
+                assert isinstance(got, str) and isinstance(want, str), (turns, max_len)
+                continue
+            assert (got.input_ids, got.labels) == (want.input_ids, want.labels), (turns, max_len)
+            kept = tok.decode(got.input_ids)
+            assert (
+                tok.apply_chat_template(
+                    [m for m in msgs if m["content"] in kept or m["role"] == "system"][-len(msgs) :],
+                    tokenize=False,
+                )
+                or True
+            )
+
+
+def test_cut_prompt_of_a_200_turn_conversation_is_fast(qwen_tokenizer):
+    import time
+
+    tok = qwen_tokenizer
+    msgs = _long_conversation(200, seed=7)
+    start = time.perf_counter()
+    r = render(tok, msgs, max_len=256, truncation="cut_prompt")
+    took = time.perf_counter() - start
+    assert took < 5, f"{took:.1f}s (the turn-by-turn algorithm took ~70 s)"
+    assert r.truncated and len(r.input_ids) <= 256
+    text = tok.decode(r.input_ids)
+    assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>") and "答199：" in text
+    # ids are a rendering of the system prompt and the newest exchanges that fit, exactly the template's
+    k = len(msgs) - 2  # from the newest exchange back: the most that fit, as the template renders them
+    while len(_ids(tok, msgs[:1] + msgs[k - 2 :])) <= 256:
+        k -= 2
+    tail = msgs[:1] + msgs[k:]
+    assert r.input_ids == _ids(tok, tail)
+
+
+def _ids(tok, msgs, **kw) -> list[int]:
+    return list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"])

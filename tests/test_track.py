@@ -273,11 +273,35 @@ def test_swanlab_init_failure_is_one_warning(tmp_path, swanlab_env, monkeypatch,
 
     monkeypatch.setattr(swanlab, "init", init)
     with caplog.at_level(logging.WARNING, logger="chattune.track"):
-        tracker = build_tracker(TrackConfig(backend="swanlab", mode="offline"), tmp_path, HPARAMS)
+        cfg = TrackConfig(backend="swanlab", mode="offline", required=False)
+        tracker = build_tracker(cfg, tmp_path, HPARAMS)
         _simulate_run(tracker)
     assert [r.getMessage() for r in caplog.records if "boom at init" in r.getMessage()] != []
     assert len(caplog.records) == 1
     assert [m["train/loss"] for m in _read_jsonl(tmp_path / "metrics.jsonl")[:4]] == LOSSES
+
+
+@pytest.mark.parametrize("backend", ["swanlab", "tensorboard"])
+def test_a_required_tracker_that_cannot_start_stops_the_run(
+    tmp_path, swanlab_env, monkeypatch, backend
+) -> None:
+    import swanlab
+
+    import chattune.track as track
+
+    def init(**kwargs):
+        raise SystemExit("asked for a key")  # what swanlab's login prompt does without a terminal
+
+    def writer(*a, **k):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(swanlab, "init", init)
+    monkeypatch.setattr(track, "_TensorBoardBackend", writer)
+    run_dir = tmp_path / "run"
+    with pytest.raises(track.TrackerError, match="track.required: false") as e:
+        build_tracker(TrackConfig(backend=backend, mode="offline"), run_dir, HPARAMS)
+    assert ("asked for a key" if backend == "swanlab" else "read-only") in str(e.value)
+    assert not run_dir.exists()  # the failed start leaves nothing behind
 
 
 def test_swanlab_log_failure_is_contained(tmp_path, swanlab_env, monkeypatch, caplog) -> None:
@@ -471,3 +495,34 @@ def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny
         first[0]["reference"],
     ]
     assert (run_dir / "report.md").is_file()
+
+
+def test_train_run_stops_before_training_when_swanlab_cannot_start(
+    tmp_path, swanlab_env, monkeypatch, tiny_model_dir
+) -> None:
+    import swanlab
+
+    from chattune.cli import main
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["project"])
+        raise ConnectionError("swanlab.cn unreachable")
+
+    monkeypatch.setattr(swanlab, "init", init)
+    data = tmp_path / "huanhuan.json"
+    data.write_text(json.dumps(json.loads(HUANHUAN.read_text(encoding="utf-8"))[:8], ensure_ascii=False))
+    run_dir = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{train_path: {data}, max_len: 128, system_prompt: 你是甄嬛}}\n"
+        f"train: {{output_dir: {run_dir}, max_steps: 1, device: cpu, progress: false}}\n"
+        "eval: {samples: 0}\ntrack: {backend: swanlab, mode: cloud, project: ok-name}\n"
+    )
+    assert main(["train", str(cfg)]) == 2
+    assert calls == ["ok-name", "ok-name"]  # cloud, then the offline fallback: both failed
+    assert not run_dir.exists()
+    # A name SwanLab refuses is found at config load, before the model is read.
+    calls.clear()
+    assert main(["train", str(cfg), "track.project=法律问答微调"]) == 2 and calls == []

@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from chattune.config import config_from_dict, parse_overrides
+    from chattune.config import check_output_dir, config_from_dict, parse_overrides
     from chattune.demo import DEMO_NAME, demo_config_tree, print_before_after, read_before_after
     from chattune.train import run
 
@@ -37,6 +37,7 @@ def cmd_demo(args) -> int:
         sec, _, name = key.partition(".")
         tree.setdefault(sec, {})[name] = value
     cfg = config_from_dict(tree, "demo config")
+    check_output_dir(cfg.train, "demo config")
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))  # every core: CPU training is compute-bound
     print(
         f"chattune demo: LoRA-tune {cfg.model.name_or_path} to answer as '{DEMO_NAME}', on this machine's CPU",
@@ -46,9 +47,9 @@ def cmd_demo(args) -> int:
     print_before_after(read_before_after(out))
     print(f"\nAdapter: {out / 'adapter'}   Report: {out / 'report.html'}")
     print(f"Chat with it: chattune chat {out / 'adapter'}")
-    swanlog = out / "swanlog"
-    if swanlog.is_dir():
-        print(f"SwanLab (offline) run: {swanlog}; upload it later with `swanlab sync {swanlog}`")
+    swanlab_runs = sorted((out / "swanlog").glob("run-*"))
+    if swanlab_runs:
+        print(f"SwanLab (offline) run: upload it later with `swanlab sync {swanlab_runs[-1]}`")
     return 0
 
 
@@ -158,6 +159,7 @@ def cmd_serve(args) -> int:
         dtype=args.dtype,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        max_body_bytes=int(args.max_body_mb * 2**20),
     )
     return 0
 
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    s.add_argument(
+        "--max-body-mb", type=float, default=4.0, help="larger request bodies are refused (413); default 4"
+    )
     s.set_defaults(func=cmd_serve)
     return p
 

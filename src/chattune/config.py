@@ -8,6 +8,11 @@ stage receives only its own section; the resolved config is saved with every run
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+import os
+import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,7 +110,9 @@ class DataConfig:
     """`keep_end`: cut the answer but keep its end-of-turn token labeled; `cut_prompt`: drop the oldest
     turns, then cut the last question from the left, keeping the system prompt (an answer too long on its
     own keeps its question's end and is cut as by `keep_end`); `drop`: drop the example.
-    An example left with no answer token is dropped and counted, never trained all-masked."""
+    Every mode keeps an example only with at least one answer token besides the end-of-turn token (an
+    answer cut to its stop token alone would teach the model to answer nothing); the rest is dropped and
+    counted with the reason, never trained all-masked."""
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Which assistant turns of a multi-turn conversation are trained (labeled)."""
     max_samples: int | None = None
@@ -283,10 +290,17 @@ class TrackConfig:
     mode: Literal["auto", "cloud", "local", "offline", "disabled"] = "auto"
     """SwanLab mode. `auto`: cloud when an API key is configured, otherwise offline (never prompts)."""
     project: str = "chattune"
+    """SwanLab project: 1-100 characters of `0-9 a-z A-Z _ - + .` (SwanLab's own rule; checked at load)."""
     experiment: str | None = None
-    """The run's name in SwanLab; default: SwanLab picks one."""
+    """The run's name in SwanLab (1-512 characters); default: SwanLab picks one."""
     description: str | None = None
+    """1-1024 characters."""
     tags: list[str] = field(default_factory=list)
+    """Each up to 512 characters."""
+    required: bool = True
+    """A tracker asked for (`backend` swanlab or tensorboard) that cannot start stops the run before
+    training, so a run never ends without the record asked for. `false`: warn and track in metrics.jsonl
+    only."""
     group: str | None = None
     """SwanLab experiment group; `chattune sweep` puts all its variants in one (the sweep's name)."""
 
@@ -353,7 +367,82 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
         bad.append(("eval.samples", "must be >= 0"))
     if cfg.train.packing and cfg.train.pack_tokens < cfg.data.max_len:
         bad.append(("train.pack_tokens", f"must be >= data.max_len ({cfg.data.max_len})"))
+    if cfg.train.weight_decay < 0:
+        bad.append(("train.weight_decay", f"must be >= 0, got {cfg.train.weight_decay}"))
+    if cfg.train.max_grad_norm <= 0:
+        bad.append(("train.max_grad_norm", f"must be positive, got {cfg.train.max_grad_norm}"))
+    if cfg.eval.max_eval_examples is not None and cfg.eval.max_eval_examples <= 0:
+        bad.append(("eval.max_eval_examples", "must be a positive integer or null"))
+    if not 0 <= cfg.train.seed < 2**63:  # torch, numpy and `random` all take it (with the rank added)
+        bad.append(("train.seed", f"must be in [0, 2**63), got {cfg.train.seed}"))
+    bad += _check_track(cfg.track)
     return bad
+
+
+# SwanLab 0.10's own rules (swanlab/sdk/internal/pkg/constraints: ProjectName, ExperimentName,
+# Description, TagString); without this check swanlab.init refuses the name after the model has loaded.
+_SWANLAB_PROJECT = re.compile(r"[0-9a-zA-Z_\-+.]{1,100}")  # used with fullmatch
+
+
+def _check_track(tc: TrackConfig) -> list[tuple[str, str]]:
+    bad: list[tuple[str, str]] = []
+    package = {"swanlab": "swanlab", "tensorboard": "tensorboard"}.get(tc.backend)
+    if package and importlib.util.find_spec(package) is None:
+        bad.append(
+            (
+                "track.backend",
+                f"{package} is not installed: pip install {package}, or set track.backend: none",
+            )
+        )
+    if tc.backend != "swanlab":
+        return bad
+    if not _SWANLAB_PROJECT.fullmatch(tc.project):
+        bad.append(
+            (
+                "track.project",
+                f"{tc.project!r} is not a SwanLab project name: 1-100 characters of 0-9 a-z A-Z _ - + . "
+                "(put other text in track.experiment or track.description)",
+            )
+        )
+    for key, value, most in [
+        ("track.experiment", tc.experiment, 512),
+        ("track.description", tc.description, 1024),
+    ]:
+        if value is not None and not 1 <= len(value) <= most:
+            bad.append((key, f"must be 1-{most} characters for SwanLab (or null), got {len(value)}"))
+    for i, tag in enumerate(tc.tags):
+        if len(tag) > 512:
+            bad.append((f"track.tags[{i}]", f"must be at most 512 characters for SwanLab, got {len(tag)}"))
+    return bad
+
+
+def check_output_dir(tc: TrainConfig, path: str | None = None) -> None:
+    """`train.output_dir` must be a directory this process can write (or create): found at config load,
+    not at the first save after the model has loaded. Creates and removes one probe file."""
+    out = Path(tc.output_dir).expanduser()
+    where = out
+    while not where.exists():
+        if where.parent == where:
+            break
+        where = where.parent
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            "train.output_dir", f"'{out}' is a file, not a directory; choose another path", path
+        )
+    if not where.is_dir():
+        raise ConfigError(
+            "train.output_dir", f"cannot create '{out}': '{where}' is a file, not a directory", path
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".chattune-probe-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(
+            "train.output_dir",
+            f"cannot write in '{where}' ({e.strerror or e}); choose a directory you can write to",
+            path,
+        ) from None
 
 
 # -- YAML -> dataclasses --------------------------------------------------------------------------------
@@ -398,13 +487,22 @@ def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string; it is the number meant
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+        elif isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string; it is the number meant
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                # `.nan` / `.inf` in YAML: AdamW would train on it after minutes of loading, or write NaN weights.
+                raise ConfigError(key, f"must be a finite number, got {value!r}", path)
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -450,6 +548,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any, path: str | None) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """`train.lr=2e-4` -> ("train.lr", 0.0002). Values are parsed as YAML scalars/lists."""
     out = []
@@ -460,7 +565,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+            raise ConfigError(key, f"cannot parse value {raw[:80]!r}: {_yaml_problem(e)}") from None
+        except RecursionError:
+            raise ConfigError(key, "the value is nested too deeply") from None
         # YAML reads 2e-4 as a string (no dot); accept the number the user meant.
         if isinstance(value, str):
             try:
@@ -520,8 +627,13 @@ def config_from_dict(tree: dict, path: str | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML at `path` (or start from defaults when None), apply overrides, validate."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, check_output: bool = True
+) -> Config:
+    """Read YAML at `path` (or start from defaults when None), apply overrides, validate.
+
+    With `check_output` (training), `train.output_dir` must also be writable (`check_output_dir`);
+    commands that only read (`chattune data ...`) pass False."""
     tree: dict = {}
     where = None
     if path is not None:
@@ -532,14 +644,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError("(file)", f"not valid YAML: {e}", where) from None
+            raise ConfigError("(file)", f"not valid YAML: {_yaml_problem(e)}", where) from None
+        except RecursionError:
+            raise ConfigError("(file)", "nested too deeply to be a config", where) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                "(file)", f"not valid UTF-8 (byte {e.start}); save it as UTF-8", where
+            ) from None
         if not isinstance(tree, dict):
             raise ConfigError("(file)", "the top level must be a mapping of sections", where)
         # Relative data/output paths in a config file are relative to the file, not the shell's cwd.
         tree = _resolve_relative(tree, p.parent)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value, "command line")
-    return config_from_dict(tree, where)
+    cfg = config_from_dict(tree, where)
+    if check_output:
+        check_output_dir(cfg.train, where)
+    return cfg
 
 
 _PATH_KEYS = [

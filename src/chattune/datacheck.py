@@ -91,6 +91,24 @@ def preflight(
     return warnings
 
 
+def require_examples(report, dc) -> None:
+    """Refuse data whose every conversation was dropped at rendering (`train` and `data check` alike),
+    saying how many and why in words, and what to change. `report`: a `templates.RenderReport`."""
+    if report.examples:
+        return
+    from chattune.errors import DataError
+
+    dropped = sum(report.dropped.values())
+    reasons = "; ".join(f"{n} {reason}" for reason, n in report.dropped.most_common())
+    sources = dc.train_path if isinstance(dc.train_path, str) else ", ".join(dc.train_path)
+    raise DataError(
+        sources,
+        None,
+        f"no example left to train on: all {dropped} conversations were dropped ({reasons}); raise "
+        f"data.max_len (now {dc.max_len}) or choose another data.truncation (now {dc.truncation})",
+    )
+
+
 # -- length statistics ------------------------------------------------------------------------------------
 def _lengths(examples: list[dict]) -> dict[str, list[int]]:
     answer = [sum(label != -100 for label in e["labels"]) for e in examples]
@@ -181,7 +199,7 @@ def _load(args):
     from chattune.config import load_config
     from chattune.data import read_splits
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_output=False)  # data commands write no run
     tokenizer, model_dir = load_data_tokenizer(cfg.model)
     train, held, read_report, eval_report = read_splits(cfg.data, cfg.train.seed)
     return cfg, tokenizer, model_dir, train, held, read_report, eval_report
@@ -237,7 +255,12 @@ def cmd_check(args) -> int:
     )
     for name, convs in (("train", train), ("eval", held)):
         if convs:
-            print(_render_summary(name, render_all(tok, convs, **kw)[1], dc))
+            report = render_all(tok, convs, **kw)[1]
+            print(_render_summary(name, report, dc))
+            if name == "train":
+                require_examples(report, dc)
+            elif not report.examples:
+                warnings.append("every eval conversation was dropped: there will be no eval loss")
     for w in warnings:
         _say(f"warning: {w}")
     print("ok: the data can be trained on")

@@ -85,6 +85,17 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
 
 
+class _CancelledRows(StoppingCriteria):
+    """Ends the rows of each conversation whose event is set (a served request whose client left)."""
+
+    def __init__(self, events: list[threading.Event], rows_each: int):
+        self.events, self.rows_each = events, rows_each
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        flags = [e.is_set() for e in self.events for _ in range(self.rows_each)]
+        return torch.tensor(flags, device=input_ids.device)
+
+
 def _check(max_new_tokens: int, temperature: float, top_p: float, n: int) -> None:
     if max_new_tokens < 1:
         raise ChattuneError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -174,12 +185,17 @@ def generate_completions(
     stop: list[str] | None = None,
     n: int = 1,
     seed: int | None = None,
+    cancelled: list[threading.Event] | None = None,
 ) -> list[Completion]:
-    """One batched `generate` call; `n` completions per conversation, conversation-major."""
+    """One batched `generate` call; `n` completions per conversation, conversation-major.
+
+    `cancelled`: one event per conversation; once set, that conversation's rows stop at the next token."""
     _check(max_new_tokens, temperature, top_p, n)
     enc, device = _prepare(loaded, [build_prompt(loaded, c) for c in conversations])
     prompt_len = enc["input_ids"].shape[1]
     criteria = StoppingCriteriaList([_StopOnText(loaded.tokenizer, stop, prompt_len)] if stop else [])
+    if cancelled is not None:
+        criteria.append(_CancelledRows(cancelled, n if temperature > 0 else 1))
     config = _generation_config(loaded, max_new_tokens, temperature, top_p, n)
     with _seeded(seed, device), torch.inference_mode():
         out = loaded.model.generate(**enc, generation_config=config, stopping_criteria=criteria)

@@ -1,8 +1,12 @@
 """OpenAI-compatible HTTP server over loaded adapters (several adapters over one base, served by name).
 
-client --POST /v1/chat/completions--> checks (401/400/404 in OpenAI's error shape) --bounded queue (503 when
-full)--> one generation worker thread, which batches compatible requests --> JSON, or SSE chunks.
+client --POST /v1/chat/completions--> checks (401/400/404/413 in OpenAI's error shape) --bounded queue (503
+when full)--> one generation worker thread, which batches compatible requests --> JSON, or SSE chunks.
 Prompts go through `infer.build_prompt`, so the adapter's template and system prompt apply as in training.
+A client's mistake is a 4xx with a short message; a 500 says only that the server failed (the details go
+to the server's log). The body is bounded, and parsing, rendering and token counting run in a thread, so
+the event loop (and `/health`) answers while a large request is read or prepared. A client that leaves
+stops its generation at the next token, streamed or not.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import concurrent.futures
 import hmac
 import json
+import logging
 import queue
 import sys
 import threading
@@ -41,6 +46,10 @@ from chattune.infer import (
 from chattune.loading import Loaded
 
 MAX_N = 8  # completions per request: n=100 would hold the single worker for everyone else
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each is checked at every generated token
+MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as escaped JSON is ~1-2 MiB
+_GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's rule): dividing by ~0 overflows
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -71,13 +80,13 @@ class _ChatRequest(BaseModel):
     messages: list[_Message]
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
-    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)  # newer clients' name for max_tokens
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.manual_seed takes, as OpenAI's int64
     # Accepted only in their "off" form: a client that asks for tool calls or logprobs must not get a
     # plain answer that silently lacks them.
     tools: list[dict[str, Any]] | None = None
@@ -178,7 +187,12 @@ class GenerationWorker:
             if not batch:
                 continue
             try:
-                done = generate_completions(batch[0].loaded, [j.messages for j in batch], **batch[0].params)
+                done = generate_completions(
+                    batch[0].loaded,
+                    [j.messages for j in batch],
+                    **batch[0].params,
+                    cancelled=[j.cancelled for j in batch],  # a client that left stops its rows
+                )
             except Exception as e:  # handed to each request; the worker keeps serving
                 for j in batch:
                     j.future.set_exception(e)
@@ -199,8 +213,9 @@ class GenerationWorker:
             job.push(None)
             return
         params = {k: v for k, v in job.params.items() if k != "n"}
-        events = stream_events(job.loaded, job.messages, **params)
-        try:
+        events = None
+        try:  # whatever fails is reported in this stream; the worker thread keeps serving
+            events = stream_events(job.loaded, job.messages, **params)
             for event in events:
                 if job.cancelled.is_set():  # the client went away: stop generating for it
                     break
@@ -208,7 +223,8 @@ class GenerationWorker:
         except Exception as e:
             job.push(e)
         finally:
-            events.close()
+            if events is not None:
+                events.close()
             job.push(None)
 
 
@@ -235,16 +251,37 @@ def _check_key(request: Request, api_key: str | None) -> None:
 def _parse(body: bytes) -> _ChatRequest:
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # malformed JSON, bad UTF-8, an integer of more than 4300 digits
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object with 'model' and 'messages'")
     try:
         return _ChatRequest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = e.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(x) for x in err["loc"]) or "request"
         raise APIError(400, f"{where}: {err['msg']}", param=where) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 as soon as it is known to exceed `limit` bytes (declared or received)."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(
+        413, f"the request body is larger than this server accepts ({limit} bytes)", code="request_too_large"
+    )
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def build_app(
@@ -254,8 +291,11 @@ def build_app(
     max_queue: int = 64,
     max_batch: int = 8,
     default_max_tokens: int = 512,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """The ASGI app; the generation worker runs while the app is being served (its lifespan)."""
+    """The ASGI app; the generation worker runs while the app is being served (its lifespan).
+
+    `max_body_bytes`: larger request bodies are refused with 413 before they are read whole."""
     by_name = {m.name: m for m in (models if isinstance(models, list) else [models])}
     for m in by_name.values():  # settle the tokenizer's padding settings before two threads use it
         count_tokens(m, "")
@@ -281,7 +321,7 @@ def build_app(
 
     @app.exception_handler(Exception)  # a bug in one request: a JSON 500, and the server keeps serving
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        return _internal(exc).response()
 
     @app.get("/health")
     async def health() -> dict:
@@ -293,10 +333,10 @@ def build_app(
         data = [{"id": n, "object": "model", "created": created, "owned_by": "chattune"} for n in by_name]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        _check_key(request, api_key)
-        req = _parse(await request.body())
+    def prepare(body: bytes) -> tuple[Loaded, list[dict], int, dict, _ChatRequest]:
+        """Parse and check a request, render its prompt and count its tokens (in a worker thread: this
+        takes time in proportion to the request, and the event loop must keep answering meanwhile)."""
+        req = _parse(body)
         if req.model is None and len(by_name) == 1:
             req.model = next(iter(by_name))
         if req.model is None:
@@ -304,7 +344,7 @@ def build_app(
         if req.model not in by_name:
             raise APIError(
                 404,
-                f"model '{req.model}' is not served here (serving: {', '.join(by_name)})",
+                f"model '{req.model[:100]}' is not served here (serving: {', '.join(by_name)})",
                 code="model_not_found",
                 param="model",
             )
@@ -324,7 +364,7 @@ def build_app(
         try:
             prompt = build_prompt(loaded, messages)
         except (ChattuneError, ValueError, TemplateError) as e:  # the template refuses it (e.g. role order)
-            raise APIError(400, f"messages: {e}", param="messages") from None
+            raise APIError(400, f"messages: {str(e)[:300]}", param="messages") from None
         prompt_tokens = count_tokens(loaded, prompt)
         limit = loaded.max_context
         room = limit - prompt_tokens if limit else default_max_tokens
@@ -338,25 +378,39 @@ def build_app(
                 param="messages",
             )
         temperature, top_p = default_sampling(loaded)
+        temperature = temperature if req.temperature is None else req.temperature
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         params = dict(
             max_new_tokens=max_tokens,
-            temperature=temperature if req.temperature is None else req.temperature,
+            temperature=0.0 if temperature < _GREEDY_BELOW else temperature,
             top_p=top_p if req.top_p is None else req.top_p,
             stop=[s for s in stop or [] if s] or None,
             n=req.n,
             seed=req.seed,
         )
+        return loaded, messages, prompt_tokens, params, req
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _check_key(request, api_key)
+        body = await _read_body(request, max_body_bytes)
+        loaded, messages, prompt_tokens, params, req = await asyncio.to_thread(prepare, body)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.name}
         job = _Job(loaded, messages, params, stream=req.stream)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return _stream_response(job, worker, meta, include_usage)
         worker.submit(job)
+        waiting = asyncio.wrap_future(job.future)
+        while not (await asyncio.wait({waiting}, timeout=0.1))[0]:
+            if await request.is_disconnected():  # nobody will read the answer: stop generating it
+                job.cancelled.set()
+                job.future.cancel()  # not started yet: the worker skips it
+                raise APIError(499, "the client closed the request")
         try:
-            done: list[Completion] = await asyncio.wrap_future(job.future)
+            done: list[Completion] = waiting.result()
         except ChattuneError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e)[:300]) from None
         choices = [
             {
                 "index": i,
@@ -415,14 +469,26 @@ def _stream_response(
                         body = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage}
                         yield f"data: {json.dumps(body)}\n\n"
                 else:  # an exception from the worker: headers are sent, so report it in the stream
-                    status = event.status if isinstance(event, APIError) else 500
-                    err = {"message": str(event), "type": "server_error", "param": None, "code": status}
+                    error = event if isinstance(event, APIError) else _internal(event)
+                    err = {
+                        "message": error.message,
+                        "type": "server_error",
+                        "param": None,
+                        "code": error.status,
+                    }
                     yield f"data: {json.dumps({'error': err})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # client disconnected or stream done: the worker stops at the next token
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _internal(exc: BaseException) -> APIError:
+    """A server-side failure: logged with its traceback under an id; the client gets only the id."""
+    ref = uuid.uuid4().hex[:12]
+    logger.error("internal error %s", ref, exc_info=(type(exc), exc, exc.__traceback__))
+    return APIError(500, f"internal server error (reference {ref}; the server log has the details)")
 
 
 # -- running it -----------------------------------------------------------------------------------------
@@ -439,12 +505,24 @@ def run_server(
     max_batch: int = 8,
     default_max_tokens: int = 512,
     log_level: str = "info",
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
     """Load the model(s) and serve until interrupted (the `chattune serve` command)."""
     import uvicorn
 
     from chattune.loading import load_for_inference, load_many_for_inference
 
+    # Checked before the model loads: a bad number would otherwise surface after minutes, or never
+    # (a queue of size 0 is unbounded).
+    for flag, value, low, high in [
+        ("--port", port, 0, 65535),
+        ("--max-queue", max_queue, 1, 1_000_000),
+        ("--max-batch", max_batch, 1, 1024),
+        ("default max tokens", default_max_tokens, 1, 2**31 - 1),
+        ("the body limit in bytes (--max-body-mb)", max_body_bytes, 1, 2**40),
+    ]:
+        if not low <= value <= high:
+            raise ChattuneError(f"{flag} must be in [{low}, {high}], got {value}")
     paths = path_or_paths if isinstance(path_or_paths, list) else [path_or_paths]
     if engine == "vllm":
         from chattune.serve_vllm import run_vllm
@@ -467,5 +545,6 @@ def run_server(
         max_queue=max_queue,
         max_batch=max_batch,
         default_max_tokens=default_max_tokens,
+        max_body_bytes=max_body_bytes,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -25,6 +25,7 @@ from chattune.errors import ChattuneError, DataError
 
 IGNORE_INDEX = -100
 _DROP_REASON = "longer than data.max_len"
+_NO_ANSWER_REASON = "no answer token left within data.max_len"
 NAMED_TEMPLATES = ("chatml", "ernie-4.5")
 
 
@@ -234,23 +235,75 @@ def encode(tokenizer, conversations: list[list[dict]], *, train_on: str = "all_a
     return out
 
 
+def _drops_estimate(tokenizer, messages: list[dict], first: int, max_len: int) -> int:
+    """Exchanges to drop after the system prompt so that the rest fits, estimated from one rendering.
+
+    Dropping exchanges first..first+k removes about the tokens between the content starts of messages
+    `first` and `first + 2k` (their contents and the template text between them). The estimate is then
+    checked against real renderings, so it only decides where the search starts.
+    """
+    text, _ = layout(tokenizer, messages)
+    starts, pos = [], 0
+    for m in messages:
+        k = text.find(m["content"], pos)
+        if k < 0:  # the template rewrites a content: no estimate, start the search at the oldest
+            return 1
+        starts.append(k)
+        pos = k + len(m["content"])
+    ends = [
+        b for _, b in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    ]
+    at = [bisect.bisect_right(ends, s) for s in starts]  # token index where each content starts
+    n_exchanges = (len(messages) - first) // 2
+    for k in range(1, n_exchanges):
+        if len(ends) - (at[first + 2 * k] - at[first]) <= max_len:
+            return k
+    return n_exchanges - 1
+
+
 def _cut_prompt(tokenizer, messages: list[dict], max_len: int, train_on: str) -> Rendered | str:
     """Drop the oldest exchanges, then cut the last question from the left; the system prompt stays.
 
+    The result is the rendering of the fewest-exchanges-dropped conversation that fits (ids exactly
+    `apply_chat_template`'s). The number to drop is estimated from one rendering of the whole
+    conversation and then settled by rendering its neighbours, so a conversation of N turns costs a few
+    renderings of what fits in `max_len`, not N renderings of the whole (which was cubic in N).
     An answer too long on its own keeps a quarter of `max_len` of its question and is then cut as
     `keep_end` cuts it: the end-of-turn token stays labeled.
     """
-    msgs = [dict(m) for m in messages]
-    first = 1 if msgs[0]["role"] == "system" else 0
-    for _ in range(len(msgs) + 8):  # every pass removes a turn or at least one token
+    first = 1 if messages[0]["role"] == "system" else 0
+    n_exchanges = (len(messages) - first) // 2
+
+    def without(k: int) -> list[dict]:  # the conversation with its k oldest exchanges dropped
+        return [dict(m) for m in messages[:first] + messages[first + 2 * k :]]
+
+    def rendered(k: int) -> Rendered:
+        return encode(tokenizer, [without(k)], train_on=train_on)[0]
+
+    # Dropping nothing does not fit (the caller checked): find the fewest drops that fit.
+    k = max(1, _drops_estimate(tokenizer, messages, first, max_len)) if n_exchanges > 1 else 0
+    out = rendered(k)
+    if len(out.input_ids) <= max_len:
+        while k > 1:  # the estimate may drop one exchange too many
+            prev = rendered(k - 1)
+            if len(prev.input_ids) > max_len:
+                break
+            k, out = k - 1, prev
+        out.truncated = True
+        return out
+    while k < n_exchanges - 1:
+        k += 1
+        out = rendered(k)
+        if len(out.input_ids) <= max_len:
+            out.truncated = True
+            return out
+    msgs = without(n_exchanges - 1)  # one exchange left and still too long: cut its question
+    for _ in range(10):  # every pass removes at least one token
         out = encode(tokenizer, [msgs], train_on=train_on)[0]
         excess = len(out.input_ids) - max_len
         if excess <= 0:
             out.truncated = True
             return out
-        if len(msgs) - first > 2:
-            del msgs[first : first + 2]
-            continue
         question = msgs[first]["content"]
         offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if excess >= len(offsets):
@@ -274,12 +327,22 @@ def _fit(out: Rendered, max_len: int, truncation: str, eot_id: int) -> Rendered 
         cut_inside_answer = labels[max_len - 1] != IGNORE_INDEX and ids[max_len - 1] != eot_id
         ids, labels = ids[:max_len], labels[:max_len]
         if cut_inside_answer:
-            # Keep the answer's stop token: a model trained on cut answers must still learn to stop.
-            ids[-1] = labels[-1] = eot_id
+            if max_len >= 2 and labels[-2] != IGNORE_INDEX:
+                # Keep the answer's stop token: a model trained on cut answers must still learn to stop.
+                ids[-1] = labels[-1] = eot_id
+            else:
+                # Not one answer token would stay before the stop token: "prompt -> end of turn" teaches
+                # the model to answer nothing, the same empty answer the reader refuses in the data.
+                labels[-1] = IGNORE_INDEX
         out = Rendered(ids, labels, truncated=True)
-    if all(label == IGNORE_INDEX for label in labels):
-        return f"no answer token left within data.max_len ({max_len} tokens)"
+    if not _has_answer_token(labels, eot_id):
+        return f"{_NO_ANSWER_REASON} ({max_len} tokens)"
     return out
+
+
+def _has_answer_token(labels: list[int], eot_id: int) -> bool:
+    """The minimum worth training: at least one labeled answer token besides the end-of-turn token."""
+    return any(label != IGNORE_INDEX and label != eot_id for label in labels)
 
 
 def render_many(
@@ -298,6 +361,10 @@ def render_many(
             res = _cut_prompt(tokenizer, msgs, max_len, train_on)
         else:
             res = _fit(out, max_len, truncation, eot_id)
+        # Every mode keeps only examples with an answer token besides the end of turn (`keep_end` cuts are
+        # checked in `_fit`; this also holds `cut_prompt`'s re-renderings to it).
+        if not isinstance(res, str) and not _has_answer_token(res.labels, eot_id):
+            res = f"{_NO_ANSWER_REASON} ({max_len} tokens)"
         # Every kept example teaches the model to stop: its end-of-turn token is labeled.
         if not isinstance(res, str) and eot_id not in res.labels:
             raise TemplateError(f"no labeled end-of-turn token in {tokenizer.decode(res.input_ids)[:200]!r}")

@@ -2,7 +2,9 @@
 
 `build_tracker(cfg.track, run_dir, hparams)` always appends `metrics.jsonl` and `predictions.jsonl` in
 the run dir and mirrors them to SwanLab or TensorBoard. This is the only module that imports swanlab or
-tensorboard; a backend that fails warns once and is dropped, so tracking never stops a training run.
+tensorboard. A backend that cannot start stops the run before training (`TrackerError`), unless
+`track.required: false`; one that fails later warns once and is dropped, so a running training is never
+stopped by its tracker.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
 from chattune.config import TrackConfig
+from chattune.errors import ChattuneError
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +60,31 @@ class _Backend(Protocol):
     def finish(self, error: BaseException | None) -> None: ...
 
 
+class TrackerError(ChattuneError):
+    """The tracker the config asks for (`track.backend`, with `track.required`) could not start."""
+
+
 def build_tracker(cfg: TrackConfig, run_dir: Path, hparams: dict) -> Tracker:
-    """JSONL files in `run_dir` plus the backend `cfg.backend`; `hparams` is shown as the run's config."""
+    """JSONL files in `run_dir` plus the backend `cfg.backend`; `hparams` is shown as the run's config.
+
+    Raises `TrackerError` when the backend cannot start and `cfg.required` (removing `run_dir` again if
+    this call created it, so the failed start leaves nothing behind)."""
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     # Backends want JSON-like values; a Path or tuple in hparams must not cost us the whole backend.
     hparams = json.loads(json.dumps(hparams, default=str))
     backend: _Backend | None = None
-    if cfg.backend == "swanlab":
-        backend = _start("SwanLab", lambda: _start_swanlab(cfg, run_dir, hparams))
-    elif cfg.backend == "tensorboard":
-        backend = _start("TensorBoard", lambda: _TensorBoardBackend(run_dir / "tensorboard", hparams))
+    try:
+        if cfg.backend == "swanlab":
+            backend = _start("SwanLab", lambda: _start_swanlab(cfg, run_dir, hparams), cfg.required)
+        elif cfg.backend == "tensorboard":
+            build = lambda: _TensorBoardBackend(run_dir / "tensorboard", hparams)  # noqa: E731
+            backend = _start("TensorBoard", build, cfg.required)
+    except TrackerError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return RunTracker(run_dir, backend)
 
 
@@ -150,11 +168,17 @@ class RunTracker:
                 _close_quietly(backend)
 
 
-def _start(name: str, build: Callable[[], _Backend | None]) -> _Backend | None:
+def _start(name: str, build: Callable[[], _Backend | None], required: bool = False) -> _Backend | None:
     try:
         return build()
     # SystemExit too: swanlab's login prompt can sys.exit, and that must not end the run either.
     except (Exception, SystemExit) as e:
+        if required:
+            raise TrackerError(
+                f"{name} could not start ({type(e).__name__}: {e}); the run stops before training so that it "
+                "does not end without the record asked for. Fix the cause, or set track.required: false to "
+                "train with metrics.jsonl only (track.backend: none turns the tracker off)"
+            ) from None
         logger.warning(
             "%s could not start (%s: %s); this run is tracked in metrics.jsonl only.",
             name,

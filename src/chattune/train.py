@@ -30,7 +30,7 @@ from pathlib import Path
 from chattune.checkpoints import load_checkpoint, save_checkpoint
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
-from chattune.datacheck import preflight
+from chattune.datacheck import preflight, require_examples
 from chattune.distributed import (
     broadcast_trainable,
     check_launch,
@@ -151,8 +151,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
     eval_ex, eval_report = render_all(tokenizer, eval_convs, **render_kw)
-    if not train_ex:
-        raise ChattuneError(f"{dc.train_path}: no example left to train on ({train_report.as_dict()})")
+    require_examples(train_report, dc)  # a readable refusal when every conversation was dropped
     if cfg.eval.max_eval_examples is not None:
         eval_ex = eval_ex[: cfg.eval.max_eval_examples]
     if cfg.eval.samples_path:
@@ -322,8 +321,6 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     data_info: dict = {}
     tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
     if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         data_info = {
             "train_path": dc.train_path,
             "train_sha256": file_sha256(dc.train_path) if _is_file(dc.train_path) else None,
@@ -336,7 +333,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         }
         hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
         hparams["params"] = {"trainable": n_trainable, "total": n_total}
+        # The first write: a tracker asked for that cannot start stops the run here and leaves nothing.
         tracker = build_tracker(cfg.track, out_dir, hparams)
+        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     from chattune.loading import Loaded
 
     eot = end_of_turn_token(tokenizer)

@@ -156,6 +156,8 @@ def _maybe_json(value: Any, key: str) -> Any:
             return json.loads(value)
         except json.JSONDecodeError as e:
             raise _BadRow(f"field '{key}' is not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise _BadRow(f"field '{key}' is JSON nested too deeply to be a list of turns") from None
     return value
 
 

@@ -25,6 +25,7 @@ from chattune.errors import DataError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOO_DEEP = "JSON nested too deeply to be a record (lists or objects inside each other ~1,000 levels deep)"
 
 
 @dataclass
@@ -67,6 +68,8 @@ def _iter_jsonl(lines: list[str | _BadRow]) -> Iterator[tuple[int, Any]]:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             yield n, _BadRow(f"malformed JSON: {e.msg} (column {e.colno})")
+        except RecursionError:  # json's decoder recurses per level: a line nested ~1,000 deep ends it
+            yield n, _BadRow(_TOO_DEEP)
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -82,6 +85,8 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         line = text.count("\n", 0, i) + 1
         try:
             obj, i = dec.raw_decode(text, i)
+        except RecursionError:
+            raise DataError(str(path), line, _TOO_DEEP + "; the rest of the array cannot be read") from None
         except json.JSONDecodeError as e:
             # A broken array cannot be resynchronised reliably: stop here whatever on_bad_row says.
             raise DataError(
