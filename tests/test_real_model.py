@@ -105,6 +105,7 @@ def test_plain_peft_reload_answers_like_chattune(trained, chattune_answers):
 
     info = json.loads((trained / "adapter" / "inference.json").read_text())
     assert info["base_model"] == MODEL
+    assert info["base_model_origin"]["quantization"] == "Q4_1"  # where the weights came from
     tok = AutoTokenizer.from_pretrained(trained / "adapter")  # carries the chat template
     base = AutoModelForCausalLM.from_pretrained(info["base_model_path"])
     model = PeftModel.from_pretrained(base, trained / "adapter").eval()

@@ -111,6 +111,11 @@ def _write_adapter(
         "trust_remote_code": cfg.model.trust_remote_code,
         "method": "lora" if cfg.lora.enabled else "full",
     }
+    from chattune.gguf_source import read_gguf_origin
+
+    origin = read_gguf_origin(model_dir)
+    if origin:  # weights converted from a GGUF file: which file, its hash, its quantization
+        info["base_model_origin"] = origin
     if cfg.model.quantization != "none":  # merge notes it: the adapter learned on a rounded copy of the base
         info["trained_on_quantized_base"] = cfg.model.quantization
     (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
