@@ -37,7 +37,7 @@ def data_file(tmp_path_factory) -> Path:
 def tree(model_dir: Path, data: Path, out: Path, lora: dict | None = None, **train) -> dict:
     return {
         "model": {"name_or_path": str(model_dir)},
-        "data": {"train_path": str(data), "system_prompt": SYSTEM, "max_len": 64},
+        "data": {"train_path": str(data), "system_prompt": SYSTEM, "max_len": 64, "on_bad_row": "skip"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, **(lora or {})},
         "train": {
             "output_dir": str(out),
