@@ -57,3 +57,20 @@ def test_tokenizer_without_template_needs_one(tmp_path, tiny_model_dir):
     assert tok.chat_template
     with pytest.raises(ModelError, match="chat_template"):
         load_tokenizer(tiny_model_dir, ModelConfig(chat_template=str(tmp_path / "missing.jinja")))
+
+
+def test_lora_on_chosen_layers_only(tiny_model_dir):
+    """`lora.layers_to_transform` with `all-linear`: every linear layer of layer 1 and none of layer 0."""
+    from chattune.errors import ConfigError
+
+    model = load_model(tiny_model_dir, ModelConfig(), "cpu")
+    peft_model = add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, layers_to_transform=[1]))
+    lora_names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    layers = {n.split(".layers.")[1].split(".")[0] for n in lora_names}
+    assert layers == {"1"}
+    kinds = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora_names}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with pytest.raises(ConfigError, match="lora.layers_to_transform.*has 2"):
+        add_lora(load_model(tiny_model_dir, ModelConfig(), "cpu"), LoraConfig(layers_to_transform=[2]))
+    with pytest.raises(ConfigError, match="lora.layers_to_transform"):
+        LoraConfig(layers_to_transform=[-1])

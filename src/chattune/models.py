@@ -304,8 +304,23 @@ def _prepare_quantized(model):
     return model
 
 
-def build_peft_config(cfg: LoraConfig):
-    """The peft `LoraConfig` for our `lora` section: target modules, DoRA, rsLoRA, init, modules_to_save."""
+def _linear_module_names(model) -> list[str]:
+    """Names (last component) of every linear layer but the output head: what peft's `all-linear` means."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and name
+        }
+    )
+
+
+def build_peft_config(cfg: LoraConfig, model=None):
+    """The peft `LoraConfig` for our `lora` section: target modules, DoRA, rsLoRA, init, modules_to_save,
+    layers. Raises ConfigError for a combination peft refuses."""
     from peft import LoraConfig as PeftLoraConfig
 
     target = cfg.target_modules
@@ -313,6 +328,15 @@ def build_peft_config(cfg: LoraConfig):
         target = [t.strip() for t in target.split(",") if t.strip()]
     elif target == "all_linear":
         target = "all-linear"
+    if target == "all-linear" and cfg.layers_to_transform and model is not None:
+        target = _linear_module_names(model)  # peft takes layers_to_transform only with a list of names
+    try:
+        return _peft_lora_config(PeftLoraConfig, cfg, target)
+    except ValueError as e:
+        raise ConfigError("lora", f"peft refuses this adapter: {e}") from None
+
+
+def _peft_lora_config(PeftLoraConfig, cfg: LoraConfig, target):
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -331,7 +355,7 @@ def add_lora(model, cfg: LoraConfig):
     """`model` wrapped by peft with the `lora` section's adapter (only its weights require grad)."""
     from peft import get_peft_model
 
-    peft_cfg = build_peft_config(cfg)
+    peft_cfg = build_peft_config(cfg, model)
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if cfg.layers_to_transform and n_layers and max(cfg.layers_to_transform) >= n_layers:
         raise ConfigError(
