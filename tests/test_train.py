@@ -163,6 +163,7 @@ def test_example_configs_load_and_train(config, tiny_model_dir, tmp_path):
             f"model.name_or_path={tiny_model_dir}",
             "model.source=local",
             "model.trust_remote_code=false",
+            "lora.layers_to_transform=null",  # the tiny model has 2 layers
             f"train.output_dir={tmp_path / 'run'}",
             "train.max_steps=2",
             "train.micro_batch_size=2",
