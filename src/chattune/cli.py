@@ -81,7 +81,7 @@ def cmd_chat(args) -> int:
     from chattune.chat import run_chat
     from chattune.loading import load_for_inference
 
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     run_chat(
         loaded,
         system_prompt=args.system,
@@ -95,7 +95,7 @@ def cmd_predict(args) -> int:
     from chattune.infer import predict_file
     from chattune.loading import load_for_inference
 
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     n = predict_file(
         loaded,
         args.input,
@@ -123,6 +123,7 @@ def cmd_eval(args) -> int:
         system_prompt=args.system,
         converter=args.converter,
         device=args.device,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -138,7 +139,7 @@ def cmd_report(args) -> int:
 def cmd_merge(args) -> int:
     from chattune.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -156,8 +157,17 @@ def cmd_serve(args) -> int:
         dtype=args.dtype,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with the model or adapter (auto_map); a folder never turns this on itself",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             c.add_argument("--output", required=True, help="output .jsonl")
             c.add_argument("--batch-size", type=int, default=8)
+        add_trust_flag(c)
         c.set_defaults(func=cmd_chat if name == "chat" else cmd_predict)
 
     e = sub.add_parser("eval", help="predictions + metrics of a model or adapter on a data file")
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
     e.add_argument("--converter", default=None, help="convert a tutorial's raw records first")
     e.add_argument("--device", default="auto")
+    add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
@@ -237,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", help="adapter folder (out/<run>/adapter)")
     m.add_argument("--output", required=True, help="new directory for the merged model")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    add_trust_flag(m)
     m.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
@@ -251,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    add_trust_flag(s)
     s.set_defaults(func=cmd_serve)
     return p
 
