@@ -116,15 +116,33 @@ def set_rng_state(state: dict) -> None:
 
 
 def _gather_rng_states(world: World, device: str) -> list[dict]:
-    """Each rank's generators, in rank order, on rank 0 (a collective when there are several ranks)."""
+    """Each rank's generators, in rank order (a collective when there are several ranks).
+
+    Sent as torch.save bytes over the CPU (gloo) group and read back with weights_only=True: the same
+    plain data as in state.pt. (`dist.gather_object` fails on these ByteTensors with torch 2.13 and gloo.)
+    """
     mine = read_rng_state(device)
     if world.size == 1:
         return [mine]
+    import io
+
+    import torch
     import torch.distributed as dist
 
-    every: list = [None] * world.size if world.is_main else []
-    dist.gather_object(mine, every if world.is_main else None, dst=0)
-    return every
+    buf = io.BytesIO()
+    torch.save(mine, buf)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world.size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()]))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    every = [torch.empty(longest, dtype=torch.uint8) for _ in range(world.size)]
+    dist.all_gather(every, padded)
+    return [
+        torch.load(io.BytesIO(t[: int(n)].numpy().tobytes()), weights_only=True)
+        for t, n in zip(every, sizes, strict=True)
+    ]
 
 
 # -- the run's progress, carried over a resume ------------------------------------------------------------
