@@ -117,6 +117,16 @@ def test_resume_with_dropout_is_bit_identical(full, tiny_model_dir, data, tmp_pa
     assert s_res["resumed_at_steps"] == [8]
 
 
+def test_a_log_line_across_the_checkpoint_averages_every_step(tiny_model_dir, data, tmp_path):
+    """Logged every 3 steps, checkpoint at 8: the resumed run's line at step 9 averages steps 7, 8 and 9."""
+    full = tmp_path / "full"
+    run(cfg_of(tiny_model_dir, data, full, logging_steps=3))
+    out = crashed_copy(full, tmp_path / "run")
+    run(cfg_of(tiny_model_dir, data, out, logging_steps=3), resume=True)
+    assert [r["step"] for r in train_records(out)] == [3, 6, 9, 10]
+    assert_same_run(full, out)
+
+
 def test_sigkill_at_any_point_then_resume_is_bit_identical(full, tiny_model_dir, data, tmp_path):
     """A real `chattune train` killed with SIGKILL while it trains (possibly inside a checkpoint save)."""
     out = tmp_path / "run"

@@ -148,13 +148,15 @@ def _gather_rng_states(world: World, device: str) -> list[dict]:
 # -- the run's progress, carried over a resume ------------------------------------------------------------
 @dataclass
 class Progress:
-    """What summary.json counts over the whole run, not only over the part since the last resume."""
+    """What summary.json counts over the whole run, not only over the part since the last resume, and the
+    losses of the steps a log line after the checkpoint averages in."""
 
     train_s: float = 0.0
     train_tokens: int = 0
     wall_s: float = 0.0
     history: list[dict] = field(default_factory=list)  # evaluations so far
     resumed_at: list[int] = field(default_factory=list)  # steps this run was resumed from
+    unlogged_losses: list[float] = field(default_factory=list)  # steps since the last log line (its mean)
 
 
 @dataclass

@@ -375,6 +375,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     step = start_step
     meter = StepMeter()
+    meter.losses = list(done.progress.unlogged_losses)  # a log line across the checkpoint averages them all
     unchecked: list[
         tuple
     ] = []  # (step, loss sum, grad norm) on the device, checked where the host syncs anyway
@@ -558,6 +559,7 @@ def _progress(before: Progress, meter: StepMeter, t_start: float, history: list[
         wall_s=before.wall_s + time.time() - t_start,
         history=list(history),
         resumed_at=list(before.resumed_at),
+        unlogged_losses=list(meter.losses),  # settled: saved inside meter.paused()
     )
 
 
