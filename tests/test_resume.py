@@ -297,3 +297,12 @@ def test_only_checkpoint_damaged_names_the_folder_to_delete(full, tmp_path, caps
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"{out / 'checkpoints' / 'step-0000008'} damaged" in err and "Delete it" in err
+
+
+def test_a_finished_run_without_checkpoints_is_not_restarted_by_resume(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ChattuneError, match="holds a finished run and no checkpoint"):
+        run(cfg_of(tiny_model_dir, data, out, save_steps=None), resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]

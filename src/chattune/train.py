@@ -376,9 +376,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     step = start_step
     meter = StepMeter()
     meter.losses = list(done.progress.unlogged_losses)  # a log line across the checkpoint averages them all
-    unchecked: list[
-        tuple
-    ] = []  # (step, loss sum, grad norm) on the device, checked where the host syncs anyway
+    # (step, loss, grad norm) on the device, checked for NaN/inf where the host syncs anyway
+    unchecked: list[tuple] = []
     # Nothing built so far (model, tokenizer, data) becomes garbage during training: frozen, it is left out
     # of the collector's passes, which otherwise stall the host that feeds the GPU (torchtitan does the same).
     gc.collect()
@@ -429,7 +428,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             step += 1
             stepped = True
             meter.add(loss_total, grad_norm_t, n_labels, real_tokens)  # no sync: values stay on the device
-            unchecked.append((step, loss_total, grad_norm_t))
+            unchecked.append((step, loss_total / n_labels, grad_norm_t))
             bar.update(1)
             log_now = step % tc.logging_steps == 0 or step == total_steps
             save_now = tc.save_steps and step % tc.save_steps == 0 and step < total_steps
@@ -515,7 +514,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 def _stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt_dir: Path) -> None:
     """Stop the run, before anything more is written, when a step's loss or gradient norm was NaN or inf.
 
-    `unchecked`: (step, loss sum, gradient norm) device tensors since the last check, emptied here (one sync).
+    `unchecked`: (step, loss, gradient norm) device tensors since the last check, emptied here (one sync).
     The weights of such a step are broken: nothing after it may become an adapter or a checkpoint.
     """
     if not unchecked:
