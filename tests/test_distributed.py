@@ -12,10 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from chattune.config import config_from_dict
-from chattune.distributed import World, check_launch, free_port, read_world, share_window, torchrun_command
+from chattune.distributed import (
+    World,
+    check_launch,
+    loopback_env,
+    read_world,
+    share_window,
+    torchrun_command,
+)
 from chattune.errors import ChattuneError, ConfigError
 from chattune.train import run
 
@@ -57,11 +65,43 @@ def test_engines_chosen_in_accelerate_config_are_not_silently_ignored():
     check_launch({}, "ddp")
 
 
-def test_gpus_flag_runs_chattune_under_torchrun_on_loopback():
-    cmd = torchrun_command(4, ["train", "c.yaml", "train.lr=1e-4"], 29555)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert "--nproc_per_node=4" in cmd and "--master_addr=127.0.0.1" in cmd and "--master_port=29555" in cmd
+def test_gpus_flag_runs_chattune_under_torchrun():
+    cmd = torchrun_command(4, ["train", "c.yaml", "train.lr=1e-4"])
+    assert cmd[:3] == [sys.executable, "-m", "chattune.distributed"]  # torchrun with a loopback rendezvous
+    assert "--nproc_per_node=4" in cmd and "--rdzv-backend=chattune-loopback" in cmd
     assert cmd[-5:] == ["-m", "chattune.cli", "train", "c.yaml", "train.lr=1e-4"]
+    assert loopback_env({})["GLOO_SOCKET_IFNAME"] == "lo"
+    assert loopback_env({"NCCL_SOCKET_IFNAME": "eth1"})["NCCL_SOCKET_IFNAME"] == "eth1"  # the user's choice
+
+
+LISTENERS = """
+import os, subprocess, sys, torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+if dist.get_rank() == 0:  # every socket the launcher and its workers listen on, while they run
+    agent = os.getppid()
+    tree = {agent, *(int(p) for t in os.listdir(f"/proc/{agent}/task")
+            for p in open(f"/proc/{agent}/task/{t}/children").read().split())}
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    ours = [line.split()[3] for line in out.splitlines() if any(f"pid={p}," in line for p in tree)]
+    print("LISTEN", " ".join(ours), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_torchrun_of_gpus_flag_listens_on_loopback_only(tmp_path):
+    """torchrun's own rendezvous store listens on every interface (`*:PORT`); ours only on 127.0.0.1."""
+    (tmp_path / "listeners.py").write_text(LISTENERS, encoding="utf-8")
+    env = loopback_env({**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{tmp_path}", "OMP_NUM_THREADS": "1"})
+    cmd = torchrun_command(2, [], module="listeners")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("LISTEN")]
+    addresses = line.split()[1:]
+    assert len(addresses) >= 3, addresses  # the store, and each worker's gloo socket
+    assert all(a.startswith(("127.0.0.1:", "[::1]:")) for a in addresses), addresses
 
 
 # -- two processes against one -----------------------------------------------------------------------------
@@ -109,8 +149,8 @@ def run_two_processes(tree: dict, tmp_path: Path, *flags: str) -> subprocess.Com
     cfg.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
     cwd = tmp_path / "cwd"  # empty: nothing may appear here
     cwd.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = torchrun_command(2, ["train", str(cfg), *flags], free_port())
+    env = loopback_env({**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"})
+    cmd = torchrun_command(2, ["train", str(cfg), *flags])
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not any(cwd.iterdir()), list(cwd.iterdir())
@@ -185,6 +225,27 @@ def test_two_processes_follow_one_process_and_only_rank0_writes(
     assert (two / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_two_processes_resume_bit_for_bit_with_dropout(tiny_model_dir, data_files, tmp_path):
+    """Each rank draws its own dropout masks; a checkpoint holds every rank's generators and restores them."""
+    tree = tiny_tree(tiny_model_dir, data_files, tmp_path / "run", save_steps=2)
+    tree["lora"]["dropout"] = 0.1
+    tree["eval"] = {"samples": 0, "loss": False}
+    run_two_processes(tree, tmp_path)
+    out = tmp_path / "run"
+    full = rows(out, "train/loss")
+    from safetensors.torch import load_file
+
+    before = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    shutil.rmtree(out / "adapter")  # a crash after the last step's log line
+    (out / "summary.json").unlink()
+    run_two_processes(tree, tmp_path, "--resume")
+    keys = ("step", "train/loss", "train/lr", "train/grad_norm")
+    again = [{k: r[k] for k in keys} for r in rows(out, "train/loss")]
+    assert again == [{k: r[k] for k in keys} for r in full]  # steps 5 and 6 again, once, to the last bit
+    after = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_bad_data_stops_every_rank_before_anything_is_written(tiny_model_dir, data_files, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "hi", "output": "ok"}\n{"instruction": 3}\n', encoding="utf-8")
@@ -192,8 +253,8 @@ def test_bad_data_stops_every_rank_before_anything_is_written(tiny_model_dir, da
     tree["data"]["on_bad_row"] = "error"  # the default: the first bad row stops the run
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = torchrun_command(2, ["train", str(cfg)], free_port())
+    env = loopback_env({**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"})
+    cmd = torchrun_command(2, ["train", str(cfg)])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode != 0
     # The first rank to fail names the file and line; torchrun then stops the other one.

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from chattune.config import config_from_dict, load_config
+from chattune.errors import ChattuneError, ConfigError
 from chattune.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +182,31 @@ def test_example_configs_load_and_train(config, tiny_model_dir, tmp_path):
     out = run(cfg)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len([r for r in read_metrics(out) if "train/loss" in r]) >= 1
+
+
+def test_diverging_run_stops_before_writing_an_adapter(tiny_model_dir, huanhuan_slice, tmp_path):
+    """A rate that sends the weights to 1e30 after one step: step 2's loss is NaN. The run stops with advice,
+    writes no adapter and no checkpoint after the last finite step."""
+    out = tmp_path / "run"
+    cfg = config_from_dict(
+        tiny_tree(tiny_model_dir, huanhuan_slice, out, lr=1e30, save_steps=1, logging_steps=5)
+    )
+    with pytest.raises(
+        ChattuneError, match=r"step 2: the loss is nan.*diverged.*Lower train.lr.*step-0000001"
+    ):
+        run(cfg)
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]
+    losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert losses == []  # the log line of steps 1-5 would have averaged in the NaN
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.max_grad_norm", "train.weight_decay"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_numbers_are_refused_before_anything_loads(tiny_model_dir, tmp_path, key, value):
+    tree = tiny_tree(tiny_model_dir, tmp_path / "missing.json", tmp_path / "run")
+    sec, name = key.split(".")
+    tree[sec][name] = value
+    with pytest.raises(ConfigError, match=f"'{key}': must be a finite number"):
+        run(config_from_dict(tree))
+    assert not (tmp_path / "run").exists()

@@ -57,7 +57,7 @@ def cmd_chat(args) -> int:
     from chattune.chat import run_chat
     from chattune.loading import load_for_inference
 
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     run_chat(
         loaded,
         system_prompt=args.system,
@@ -71,7 +71,7 @@ def cmd_predict(args) -> int:
     from chattune.infer import predict_file
     from chattune.loading import load_for_inference
 
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     n = predict_file(
         loaded,
         args.input,
@@ -100,6 +100,7 @@ def cmd_eval(args) -> int:
         converter=args.converter,
         device=args.device,
         placeholders={"name": args.identity_name, "author": args.identity_author},
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -141,7 +142,7 @@ def cmd_compare(args) -> int:
 def cmd_merge(args) -> int:
     from chattune.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {out}", file=sys.stderr)
     return 0
 
@@ -160,8 +161,17 @@ def cmd_serve(args) -> int:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         max_body_bytes=int(args.max_body_mb * 2**20),
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with the model or adapter (auto_map); a folder never turns this on itself",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             c.add_argument("--output", required=True, help="output .jsonl")
             c.add_argument("--batch-size", type=int, default=8)
+        add_trust_flag(c)
         c.set_defaults(func=cmd_chat if name == "chat" else cmd_predict)
 
     e = sub.add_parser("eval", help="predictions + metrics of a model or adapter on a data file")
@@ -233,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--identity-name", default=None, help="with --converter identity: fills {{name}}")
     e.add_argument("--identity-author", default=None, help="with --converter identity: fills {{author}}")
     e.add_argument("--device", default="auto")
+    add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
@@ -266,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter", help="adapter folder (out/<run>/adapter)")
     m.add_argument("--output", required=True, help="new directory for the merged model")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    add_trust_flag(m)
     m.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
@@ -283,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-body-mb", type=float, default=4.0, help="larger request bodies are refused (413); default 4"
     )
+    add_trust_flag(s)
     s.set_defaults(func=cmd_serve)
     return p
 

@@ -206,26 +206,103 @@ def gather_trainable(model) -> dict:
 
 
 # -- chattune train --gpus N -----------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# torchrun's own rendezvous stores (static, c10d) listen on every interface, unauthenticated, for the
+# whole run, whatever --master_addr says: TCPStore binds the wildcard address. `chattune train --gpus N`
+# runs torchrun with this rendezvous instead, registered through torchrun's public handler registry: one
+# machine, its store on a socket we bind to 127.0.0.1 and hand to TCPStore (`master_listen_fd`). The
+# workers use that store (`use_agent_store`), and gloo / NCCL are told to use the loopback interface.
+LOOPBACK_RDZV = "chattune-loopback"
 
 
-def torchrun_command(nproc: int, argv: list[str], port: int) -> list[str]:
-    """`torchrun` running `chattune <argv>` in `nproc` processes of this machine, rendezvous on loopback."""
+class LoopbackRendezvous:
+    """torchrun's rendezvous for the one node of a single-machine run, its store on 127.0.0.1 only.
+
+    Implements torch.distributed.elastic.rendezvous.RendezvousHandler (subclassed at registration, so
+    that importing this module stays free of torch).
+    """
+
+    def __init__(self, run_id: str, timeout_s: int = 600) -> None:
+        self.run_id, self.timeout_s = run_id, timeout_s
+        self._store = None
+        self._socket: socket.socket | None = None
+        self._closed = False
+
+    def get_backend(self) -> str:
+        return LOOPBACK_RDZV
+
+    @property
+    def use_agent_store(self) -> bool:
+        return True  # workers connect to this store instead of rank 0 opening another one
+
+    def next_rendezvous(self):
+        from torch.distributed import PrefixStore, TCPStore
+        from torch.distributed.elastic.rendezvous.api import RendezvousInfo, RendezvousStoreInfo
+
+        if self._store is None:
+            self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._socket.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one, no race
+            self._socket.listen(128)
+            port = self._socket.getsockname()[1]
+            self._store = TCPStore(
+                "127.0.0.1",
+                port,
+                1,  # one node: this agent
+                True,
+                timedelta(seconds=self.timeout_s),
+                multi_tenant=True,
+                master_listen_fd=self._socket.fileno(),
+            )
+        port = self._socket.getsockname()[1]
+        store = PrefixStore(self.run_id, self._store)
+        return RendezvousInfo(store, 0, 1, RendezvousStoreInfo("127.0.0.1", port))
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def set_closed(self) -> None:
+        self._closed = True
+
+    def num_nodes_waiting(self) -> int:
+        return 0
+
+    def get_run_id(self) -> str:
+        return self.run_id
+
+    def shutdown(self) -> bool:
+        return True
+
+
+def run_torchrun(args: list[str]) -> None:
+    """torchrun's own main with the loopback rendezvous registered (`python -m chattune.distributed ...`)."""
+    from torch.distributed.elastic.rendezvous import RendezvousHandler
+    from torch.distributed.elastic.rendezvous.registry import handler_registry
+    from torch.distributed.run import main
+
+    handler = type("LoopbackRendezvousHandler", (LoopbackRendezvous, RendezvousHandler), {})
+    handler_registry.register(LOOPBACK_RDZV, lambda params: handler(params.run_id))
+    main(args)
+
+
+def torchrun_command(nproc: int, argv: list[str], module: str = "chattune.cli") -> list[str]:
+    """torchrun running `python -m <module> <argv>` in `nproc` processes of this machine, on loopback only."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "chattune.distributed",  # torchrun with LoopbackRendezvous
         "--nnodes=1",
         f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
+        f"--rdzv-backend={LOOPBACK_RDZV}",
+        "--rdzv-endpoint=127.0.0.1",  # where the store is (the handler binds it); torchrun wants one named
         "-m",
-        "chattune.cli",
+        module,
         *argv,
     ]
+
+
+def loopback_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment for torchrun's workers: gloo and NCCL bootstrap sockets on the loopback interface
+    (they otherwise listen on the host's address); a value the user set is kept."""
+    return {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", **env}
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
@@ -245,4 +322,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         raise ChattuneError(f"--gpus {nproc}: only {have} GPU(s) visible (CUDA_VISIBLE_DEVICES)")
     if have == 0:
         print(f"no CUDA GPU: running {nproc} CPU processes (gloo)", file=sys.stderr, flush=True)
-    return subprocess.call(torchrun_command(nproc, argv, free_port()))
+    return subprocess.call(torchrun_command(nproc, argv), env=loopback_env())
+
+
+if __name__ == "__main__":
+    run_torchrun(sys.argv[1:])

@@ -154,6 +154,7 @@ def run_eval(
     converter: str | None = None,
     device: str = "auto",
     placeholders: dict | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Answer every record of `data` with `model` (an adapter folder or a model directory), score the
     answers, print a metrics table; with `output_dir`, write predictions.jsonl and metrics.json there.
@@ -176,9 +177,9 @@ def run_eval(
     if max_new_tokens < 1:
         raise ChattuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     eval_set = read_eval_samples(data, limit=samples, converter=converter, placeholders=placeholders)
-    src = read_model_source(model)
+    src = read_model_source(model, trust_remote_code=True)  # names only: the load below warns and decides
 
-    loaded = load_for_inference(model, device=device)
+    loaded = load_for_inference(model, device=device, trust_remote_code=trust_remote_code)
     if system_prompt is not None:
         loaded.system_prompt = system_prompt
     t0 = time.time()

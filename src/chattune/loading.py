@@ -8,6 +8,7 @@ the source and tokenizer readers.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class ModelSource:
     base_model: str  # as the user wrote it (hub id, builtin:..., path)
     system_prompt: str | None
     end_of_turn_token: str | None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # the user's own --trust-remote-code, never a file's say
 
     @property
     def name(self) -> str:
@@ -90,8 +91,47 @@ def _resolve_base(adapter_dir: Path, info: dict, adapter_cfg: dict) -> tuple[Pat
         raise ModelError(f"{adapter_dir}: base model directory '{stored}' does not exist, and {e}") from None
 
 
-def read_model_source(path: str | Path) -> ModelSource:
-    """Classify `path` as an adapter folder or a model directory and find its base model."""
+def _warn_remote_code(folders: list[Path], info: dict) -> None:
+    """Say which files of a folder ask to run code it ships; none of them is acted on.
+
+    Adapters and models are shared on the hubs: a folder that could turn on `trust_remote_code` for
+    itself (inference.json, chattune.yaml) or map a class to its own .py (auto_map) could run anything.
+    Only the user's own --trust-remote-code (or `model.trust_remote_code` in a train config) runs code.
+    """
+    import yaml
+
+    asks = []
+    if info.get("trust_remote_code") is True:
+        asks.append(f"{folders[0] / 'inference.json'} sets trust_remote_code")
+    for folder in dict.fromkeys(folders):
+        run_cfg = folder / "chattune.yaml"
+        try:
+            tree = yaml.safe_load(run_cfg.read_text(encoding="utf-8")) if run_cfg.is_file() else None
+        except (OSError, yaml.YAMLError):
+            tree = None
+        if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
+            if tree["model"].get("trust_remote_code") is True:
+                asks.append(f"{run_cfg} sets model.trust_remote_code")
+        for name in ("tokenizer_config.json", "config.json"):
+            try:
+                data = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("auto_map"):
+                asks.append(f"{folder / name} maps classes to code (auto_map)")
+    for ask in asks:
+        print(
+            f"warning: {ask}: ignored, a folder never turns on remote code for itself; pass "
+            "--trust-remote-code if you trust the code it ships",
+            file=sys.stderr,
+        )
+
+
+def read_model_source(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource:
+    """Classify `path` as an adapter folder or a model directory and find its base model.
+
+    `trust_remote_code`: the user's own flag; what the folder's files say about it is ignored (with a warning).
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelError(
@@ -107,6 +147,8 @@ def read_model_source(path: str | Path) -> ModelSource:
         raise ModelError(
             f"'{path}' is neither an adapter folder (adapter_config.json) nor a model directory (config.json)"
         )
+    if not trust_remote_code:
+        _warn_remote_code([p, base_dir], info)
     return ModelSource(
         path=p,
         adapter_dir=adapter_dir,
@@ -114,7 +156,7 @@ def read_model_source(path: str | Path) -> ModelSource:
         base_model=base_model,
         system_prompt=info.get("system_prompt"),
         end_of_turn_token=info.get("end_of_turn_token"),
-        trust_remote_code=bool(info.get("trust_remote_code", False)),
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -167,8 +209,14 @@ def _load_base(src: ModelSource, device: str, dtype: torch.dtype):
             str(src.base_dir), dtype=dtype, trust_remote_code=src.trust_remote_code, **on_gpu
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}") from None
+        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}{_hint(e)}") from None
     return model if on_gpu else model.to(device)
+
+
+def _hint(e: Exception) -> str:
+    if "trust_remote_code" not in str(e):
+        return ""
+    return " (chattune ran none of the folder's code: pass --trust-remote-code if you trust it)"
 
 
 def load_source_tokenizer(src: ModelSource, *, for_generation: bool = True):
@@ -184,7 +232,7 @@ def load_source_tokenizer(src: ModelSource, *, for_generation: bool = True):
             str(tok_dir or src.base_dir), trust_remote_code=src.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a tokenizer from '{tok_dir or src.base_dir}': {e}") from None
+        raise ModelError(f"cannot load a tokenizer from '{tok_dir or src.base_dir}': {e}{_hint(e)}") from None
     if not tok.chat_template:
         raise ModelError(f"the tokenizer in '{tok_dir or src.base_dir}' has no chat template")
     if not for_generation:  # as saved, for copying into a merged model
@@ -217,11 +265,16 @@ def _finish_loading(src: ModelSource, model, tokenizer, name: str, adapter_name:
     )
 
 
-def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "auto") -> Loaded:
-    """Load an adapter folder over its base model (or a plain model directory) for generation."""
+def load_for_inference(
+    path: str | Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> Loaded:
+    """Load an adapter folder over its base model (or a plain model directory) for generation.
+
+    `trust_remote_code`: the user's own flag; nothing in the folder can turn it on.
+    """
     from peft import PeftModel
 
-    src = read_model_source(path)
+    src = read_model_source(path, trust_remote_code=trust_remote_code)
     device, torch_dtype = _pick(device, dtype)
     model = _load_base(src, device, torch_dtype)
     if src.adapter_dir is not None:
@@ -231,7 +284,7 @@ def load_for_inference(path: str | Path, *, device: str = "auto", dtype: str = "
 
 
 def load_many_for_inference(
-    paths: list[str | Path], *, device: str = "auto", dtype: str = "auto"
+    paths: list[str | Path], *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> list[Loaded]:
     """Several adapters (and/or models): adapters over the same base share one copy of its weights.
 
@@ -239,7 +292,7 @@ def load_many_for_inference(
     """
     from peft import PeftModel
 
-    sources = [read_model_source(p) for p in paths]
+    sources = [read_model_source(p, trust_remote_code=trust_remote_code) for p in paths]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ChattuneError(f"two models would be served under the same name: {names}; give distinct folders")

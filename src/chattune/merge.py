@@ -61,10 +61,17 @@ def _trained_on_quantized_base(adapter_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | None = None) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> Path:
     """Write the base model with the adapter merged in to `output_dir` (which must be new or empty).
 
     `dtype` (bfloat16 / float16 / float32) defaults to the base checkpoint's own dtype.
+    `trust_remote_code`: the user's own flag; nothing in the adapter folder can turn it on.
     """
     import torch
     from peft import PeftModel
@@ -72,7 +79,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | 
 
     from chattune.loading import find_stop_ids, load_source_tokenizer, read_model_source
 
-    src = read_model_source(adapter_dir)
+    src = read_model_source(adapter_dir, trust_remote_code=trust_remote_code)
     if src.adapter_dir is None:
         raise ChattuneError(f"'{adapter_dir}' is a model directory, not an adapter folder: nothing to merge")
     out = Path(output_dir).expanduser()
@@ -90,7 +97,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str | 
             trust_remote_code=src.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}") from None
+        hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in str(e) else ""
+        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}{hint}") from None
     was_tied = _untie_embeddings(base)
     with warnings.catch_warnings():  # peft warns that the embeddings we just untied are no longer tied
         warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")

@@ -121,14 +121,16 @@ def save_full_model(
     stops at the end of the turn) that any transformers code loads; the caller adds the tokenizer."""
     from transformers import GenerationConfig
 
+    state_dict = None
     if dtype is not None and dtype != next(model.parameters()).dtype:
-        model.to(dtype)  # training is over: the fp32 masters are not needed any more
+        # A copy in the base's dtype: checkpoints are written mid-run, where the fp32 masters must stay.
+        state_dict = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     gen.eos_token_id = stop_ids
     if gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
     model.generation_config = gen
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
 
 
 def load_trained_weights(model: nn.Module, folder: Path) -> None:

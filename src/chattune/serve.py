@@ -506,6 +506,7 @@ def run_server(
     default_max_tokens: int = 512,
     log_level: str = "info",
     max_body_bytes: int = MAX_BODY_BYTES,
+    trust_remote_code: bool = False,
 ) -> None:
     """Load the model(s) and serve until interrupted (the `chattune serve` command)."""
     import uvicorn
@@ -536,9 +537,13 @@ def run_server(
             file=sys.stderr,
         )
     if len(paths) == 1:
-        models: Loaded | list[Loaded] = load_for_inference(paths[0], device=device, dtype=dtype)
+        models: Loaded | list[Loaded] = load_for_inference(
+            paths[0], device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     else:
-        models = load_many_for_inference(paths, device=device, dtype=dtype)
+        models = load_many_for_inference(
+            paths, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     app = build_app(
         models,
         api_key=api_key,

@@ -21,13 +21,19 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from chattune.checkpoints import load_checkpoint, save_checkpoint
+from chattune.checkpoints import (
+    AdapterFacts,
+    Checkpointer,
+    Progress,
+    find_resume_point,
+    fingerprint_examples,
+    tidy_run_dir,
+    write_adapter,
+)
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
 from chattune.datacheck import preflight, require_examples
@@ -49,10 +55,7 @@ from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
 from chattune.methods import (
     build_optimizer,
-    checkpoint_dtype,
     initial_adapter_state,
-    save_adapter,
-    save_full_model,
     training_model_config,
 )
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
@@ -75,57 +78,22 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _check_output_dir(path: Path, resume: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError("train.output_dir", f"'{path}' is a file; name a directory")
     if path.exists() and any(path.iterdir()) and not resume:
+        if any((path / "checkpoints").glob("step-*")) or (path / "summary.json").exists():
+            what = "pass --resume to continue its last checkpoint"
+        else:  # killed before its first checkpoint
+            what = "pass --resume to train it again from the beginning in place"
         raise ChattuneError(
             f"output directory '{path}' already exists and is not empty; set train.output_dir to a new "
-            "directory, delete it, or pass --resume to continue its last checkpoint"
+            f"directory, delete it, or {what}"
         )
-
-
-def _write_adapter(
-    model, tokenizer, cfg: Config, model_dir: Path, system_prompt, target: Path, state_dict=None, initial=None
-) -> None:
-    """Save adapter + tokenizer (with its chat template) + run config + inference facts, atomically.
-
-    `state_dict`: the LoRA weights gathered whole, when the model holds only shards of them (FSDP).
-    `initial`: a PiSSA/OLoRA adapter as initialised, to save the adapter as a plain LoRA (methods.save_adapter).
-    Full fine-tuning (`lora.enabled: false`) writes a complete model directory instead.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    if cfg.lora.enabled:
-        save_adapter(model, tmp, state_dict, initial)
-    else:
-        stops = sorted(
-            {tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id}
-        )
-        save_full_model(model, tokenizer, tmp, checkpoint_dtype(model_dir), stops)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "chattune.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    info = {
-        "base_model": cfg.model.name_or_path,
-        "base_model_path": str(model_dir),
-        "system_prompt": system_prompt,
-        "end_of_turn_token": end_of_turn_token(tokenizer),
-        "max_len": cfg.data.max_len,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "method": "lora" if cfg.lora.enabled else "full",
-    }
-    from chattune.gguf_source import read_gguf_origin
-
-    origin = read_gguf_origin(model_dir)
-    if origin:  # weights converted from a GGUF file: which file, its hash, its quantization
-        info["base_model_origin"] = origin
-    if cfg.model.quantization != "none":  # merge notes it: the adapter learned on a rounded copy of the base
-        info["trained_on_quantized_base"] = cfg.model.quantization
-    (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
 
 
 def run(cfg: Config, *, resume: bool = False) -> Path:
     t_start = time.time()
+    _check_finite(cfg)
     dc, tc = cfg.data, cfg.train
     world = read_world()  # one process unless started by torchrun / accelerate launch
     sharded = world.size > 1 and tc.distributed == "fsdp"
@@ -177,6 +145,22 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         f"{dict(train_report.dropped) or ''}"
     )
 
+    from chattune.packing import build_batches
+
+    # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
+    lengths = [len(e["input_ids"]) for e in train_ex]
+    plan_kw = dict(
+        packing=tc.packing, budget_tokens=tc.pack_tokens, micro_batch_size=tc.micro_batch_size, seed=tc.seed
+    )
+    steps_per_epoch = math.ceil(len(build_batches(lengths, epoch=0, **plan_kw)) / tc.grad_accum_steps)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    # --resume: the checkpoint to continue, and a config it cannot continue refused, before the model loads.
+    fingerprint = fingerprint_examples(train_ex) if (tc.save_steps or resume) else ""
+    point = None
+    if resume:
+        point = find_resume_point(out_dir, cfg, fingerprint, total_steps, sharded, world.is_main)
+
     # ---- model + LoRA ---------------------------------------------------------------------------------------
     import torch
     from transformers import get_scheduler
@@ -184,7 +168,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     from chattune.attention import pick_attn_implementation, register_attention
     from chattune.loss import add_target_index, lm_loss_sum
     from chattune.offload import embeddings_on_device
-    from chattune.packing import build_batches, collate_packed, collate_padded
+    from chattune.packing import collate_packed, collate_padded
 
     torch.manual_seed(tc.seed)
     device = pick_device(tc.device)
@@ -266,14 +250,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     if sharded:
         shard_model(model.get_base_model(), _decoder_layers(model), device, world.size)
 
-    # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
-    lengths = [len(e["input_ids"]) for e in train_ex]
-    plan_kw = dict(
-        packing=tc.packing, budget_tokens=tc.pack_tokens, micro_batch_size=tc.micro_batch_size, seed=tc.seed
-    )
-    steps_per_epoch = math.ceil(len(build_batches(lengths, epoch=0, **plan_kw)) / tc.grad_accum_steps)
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    # ---- the optimizer and its schedule ---------------------------------------------------------------------
     if tc.grad_accum_steps % world.size:
         _say(
             f"note: train.grad_accum_steps ({tc.grad_accum_steps}) is not a multiple of the {world.size} "
@@ -318,14 +295,19 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
     # ---- run directory, tracker ---------------------------------------------------------------------------
     # Everything the user gave has been checked by now: only from here on is anything written.
-    start_step = 0
-    ckpt_dir = out_dir / "checkpoints"
-    if resume:
-        start_step, last = load_checkpoint(ckpt_dir, model, optimizer, scheduler, sharded)  # on every rank
-        _say(f"resuming from {last} (step {start_step})")
+    facts = AdapterFacts(tokenizer=tokenizer, cfg=cfg, model_dir=model_dir)
+    ckpt = Checkpointer(
+        out_dir / "checkpoints", model, optimizer, scheduler, world, sharded, device, facts, fingerprint
+    )
+    done = ckpt.restore(point, cfg, total_steps)  # on every rank
+    if done.folder is not None:
+        _say(f"resuming from {done.folder} (step {done.step})")
+    start_step = done.step
     data_info: dict = {}
     tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
     if world.is_main:
+        if resume:  # no half-saved folders, and no record of the steps about to be run again
+            tidy_run_dir(out_dir, start_step)
         data_info = {
             "train_path": dc.train_path,
             "train_sha256": file_sha256(dc.train_path) if _is_file(dc.train_path) else None,
@@ -353,7 +335,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         stop_token_ids=sorted({tokenizer.convert_tokens_to_ids(eot), tokenizer.eos_token_id}),
     )
     metric_names = cfg.eval.metrics or _default_metrics(cfg.eval.task)
-    history: list[dict] = []
+    history: list[dict] = done.progress.history  # evaluations of the whole run, resumed or not
 
     def evaluate_now(step: int, epoch: float, tag: str) -> None:
         # Replicas: rank 0 evaluates alone while the others wait in their next collective. Shards: every
@@ -362,7 +344,10 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             return
         if not ((cfg.eval.loss and eval_ex) or samples):  # evaluation is off: nothing to say either
             return
-        with embeddings_on_device(model):  # memory mode: generation wants the whole model on the GPU
+        # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
+        # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
+        rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else [])
+        with rng, embeddings_on_device(model):  # memory mode: generation wants the whole model on the GPU
             _evaluate(step, epoch, tag)
 
     def _evaluate(step: int, epoch: float, tag: str) -> None:
@@ -405,6 +390,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     step = start_step
     meter = StepMeter()
+    meter.losses = list(done.progress.unlogged_losses)  # a log line across the checkpoint averages them all
+    # (step, loss, grad norm) on the device, checked for NaN/inf where the host syncs anyway
+    unchecked: list[tuple] = []
     # Nothing built so far (model, tokenizer, data) becomes garbage during training: frozen, it is left out
     # of the collector's passes, which otherwise stall the host that feeds the GPU (torchtitan does the same).
     gc.collect()
@@ -455,8 +443,14 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             step += 1
             stepped = True
             meter.add(loss_total, grad_norm_t, n_labels, real_tokens)  # no sync: values stay on the device
+            unchecked.append((step, loss_total / n_labels, grad_norm_t))
             bar.update(1)
-            if step % tc.logging_steps == 0 or step == total_steps:
+            log_now = step % tc.logging_steps == 0 or step == total_steps
+            save_now = tc.save_steps and step % tc.save_steps == 0 and step < total_steps
+            eval_now = tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps
+            if log_now or save_now or eval_now:  # nothing diverged is logged, saved or evaluated
+                _stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
+            if log_now:
                 loss_mean, grad_norm, tps = meter.read()  # the one host sync of these steps
                 row = {
                     "train/loss": loss_mean,
@@ -472,12 +466,13 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                 bar.set_postfix(
                     loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
                 )
-            if tc.save_steps and step % tc.save_steps == 0 and step < total_steps:
-                with meter.paused():
-                    save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, world, sharded)
-            if tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps:
+            if eval_now:  # before the checkpoint of the same step, so that it holds this evaluation too
                 with meter.paused():
                     evaluate_now(step, epoch + (w + 1) / len(windows), f"step {step}")
+            if save_now:
+                with meter.paused():
+                    ckpt.save(step, _progress(done.progress, meter, t_start, history))
+        _stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
         if stepped:
             with meter.paused():
                 evaluate_now(step, float(epoch + 1), f"epoch {epoch + 1}")
@@ -490,18 +485,20 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     lora_state = gather_trainable(model) if sharded else None  # a collective: every rank takes part
     saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
     if world.is_main:
-        _write_adapter(model, tokenizer, cfg, model_dir, dc.system_prompt, saved, lora_state, initial_lora)
+        write_adapter(model, facts, saved, lora_state, initial=initial_lora)
+        total = _progress(done.progress, meter, t_start, history)  # the whole run, over its resumes
         hardware = (
             torch.cuda.get_device_name()
             if device == "cuda"
             else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
         )
         summary = {
-            "wall_s": time.time() - t_start,
-            "train_s": meter.total_time,
-            "train_tokens": meter.total_tokens,
-            "tokens_per_s": meter.total_tokens / max(meter.total_time, 1e-9),
+            "wall_s": total.wall_s,
+            "train_s": total.train_s,
+            "train_tokens": total.train_tokens,
+            "tokens_per_s": total.train_tokens / max(total.train_s, 1e-9),
             "steps": step,
+            "resumed_at_steps": total.resumed_at,
             "peak_mem_gib": peak_mem_gib(device),
             "hardware": hardware if world.size == 1 else f"{world.size} processes x {hardware}",
             "versions": _versions(),
@@ -530,6 +527,57 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
 
 
 # -- helpers of run() ---------------------------------------------------------------------------------------
+def _stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt_dir: Path) -> None:
+    """Stop the run, before anything more is written, when a step's loss or gradient norm was NaN or inf.
+
+    `unchecked`: (step, loss, gradient norm) device tensors since the last check, emptied here (one sync).
+    The weights of such a step are broken: nothing after it may become an adapter or a checkpoint.
+    """
+    if not unchecked:
+        return
+    import torch
+
+    ok = torch.stack([torch.isfinite(loss) & torch.isfinite(norm) for _, loss, norm in unchecked]).tolist()
+    bad = [entry for entry, fine in zip(unchecked, ok, strict=True) if not fine]
+    unchecked.clear()
+    if not bad:
+        return
+    step, loss, norm = bad[0]
+    last = sorted(ckpt_dir.glob("step-*"))
+    resume = (
+        f"; {last[-1]} holds the weights of an earlier step: `--resume` with a lower train.lr continues from it"
+        if last
+        else ""
+    )
+    raise ChattuneError(
+        f"step {step}: the loss is {float(loss)} and the gradient norm {float(norm)}: training diverged, so no "
+        f"adapter was written. Lower train.lr (now {lr:g}); check the data for broken rows (chattune data "
+        f"check); with model.dtype float16, use bfloat16 or float32 (float16 overflows){resume}"
+    )
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every number in the config is finite (`train.lr: .inf` would train into NaN weights)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+
+
+def _progress(before: Progress, meter: StepMeter, t_start: float, history: list[dict]) -> Progress:
+    """The whole run's counters: those saved before the last resume plus this process's."""
+    return Progress(
+        train_s=before.train_s + meter.total_time,
+        train_tokens=before.train_tokens + meter.total_tokens,
+        wall_s=before.wall_s + time.time() - t_start,
+        history=list(history),
+        resumed_at=list(before.resumed_at),
+        unlogged_losses=list(meter.losses),  # settled: saved inside meter.paused()
+    )
+
+
 class _SilentTracker:
     """The tracker of ranks other than 0: they train and evaluate like rank 0 but record nothing."""
 
