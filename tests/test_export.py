@@ -321,6 +321,10 @@ def test_bad_input_is_one_error_and_writes_nothing(tmp_path, tiny_model_dir):
     with pytest.raises(ModelError, match="GGUF export supports llama and qwen2 models; .* is 'gpt2'"):
         export_gguf(other, out / "g.gguf")
     assert main(["export", str(other), "--output", str(out / "g.gguf")]) == 2
+    llama31 = {"model_type": "llama", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}
+    (other / "config.json").write_text(json.dumps(llama31), encoding="utf-8")
+    with pytest.raises(ModelError, match="rope scaling 'llama3'"):
+        export_gguf(other, out / "g.gguf")
     assert sorted(p.name for p in out.iterdir()) == ["taken.gguf"]
 
 

@@ -91,9 +91,11 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
         system=system or template_default_system(tokenizer),
     )
 
-    model = _load_model(src, tokenizer)
+    model = _load_model(src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)[1])
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
+    os.close(fd)  # GGUFWriter opens the path itself
+    tmp = Path(tmp_name)
     tmp_modelfile = tmp.with_suffix(".Modelfile.tmp")
     try:
         _write_gguf(
@@ -135,6 +137,15 @@ def _read_architecture(base_dir: Path) -> str:
             f"GGUF export supports {' and '.join(ARCHITECTURES)} models; '{base_dir}' is '{arch}'. Merge it "
             "(chattune merge) and convert the merged directory with llama.cpp's convert_hf_to_gguf.py instead"
         )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":  # llama3 / yarn / linear need extra keys (and llama3 a rope_freqs tensor)
+        raise ModelError(
+            f"'{base_dir}' uses rope scaling '{rope_type}', which chattune's GGUF export does not write yet; "
+            "convert the merged directory with llama.cpp's convert_hf_to_gguf.py instead"
+        )
+    if config.get("use_sliding_window"):
+        raise ModelError(f"'{base_dir}' uses sliding-window attention, which llama.cpp's qwen2 does not run")
     return arch
 
 
@@ -235,7 +246,7 @@ def _stop_tokens(tokenizer, eot: str) -> list[str]:
 
 
 # -- the weights ----------------------------------------------------------------------------------------------
-def _load_model(src, tokenizer):
+def _load_model(src):
     """The merged model (adapter) or the model directory itself, on the CPU in the checkpoint's dtype."""
     if src.adapter_dir is not None:
         from chattune.merge import load_merged
@@ -317,13 +328,6 @@ def _tensor_type(shape: tuple[int, ...], dtype: str):
 def _hparams(writer, model, arch: str) -> None:
     cfg = getattr(model.config, "text_config", None) or model.config
     rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ModelError(f"rope scaling '{rope_type}' is not written by chattune's GGUF export yet")
-    if getattr(cfg, "use_sliding_window", False):
-        raise ModelError(
-            "sliding-window attention (use_sliding_window) is not supported by llama.cpp's qwen2"
-        )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
