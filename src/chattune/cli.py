@@ -147,6 +147,16 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from chattune.export import export_gguf
+
+    gguf_file, modelfile = export_gguf(args.model, args.output, dtype=args.dtype)
+    print(f"wrote {gguf_file} and {modelfile}", file=sys.stderr)
+    print(f"Ollama:    ollama create {gguf_file.stem} -f {modelfile}", file=sys.stderr)
+    print(f"llama.cpp: llama-cli -m {gguf_file} --jinja", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from chattune.serve import run_server
 
@@ -280,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     add_trust_flag(m)
     m.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser("export", help="write a GGUF file (+ Ollama Modelfile) for llama.cpp / Ollama")
+    x.add_argument("model", help="adapter folder (merged in memory) or model directory")
+    x.add_argument("--format", choices=["gguf"], default="gguf")
+    x.add_argument("--output", required=True, help="new .gguf file; <stem>.Modelfile is written beside it")
+    x.add_argument("--dtype", choices=["f16", "bf16", "q8_0"], default="f16")
+    x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
     s.add_argument("models", nargs="+", help="adapter folders or model directories, served by name")

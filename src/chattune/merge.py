@@ -61,34 +61,15 @@ def _trained_on_quantized_base(adapter_dir: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def merge_adapter(
-    adapter_dir: str | Path,
-    output_dir: str | Path,
-    dtype: str | None = None,
-    *,
-    trust_remote_code: bool = False,
-) -> Path:
-    """Write the base model with the adapter merged in to `output_dir` (which must be new or empty).
-
-    `dtype` (bfloat16 / float16 / float32) defaults to the base checkpoint's own dtype.
-    `trust_remote_code`: the user's own flag; nothing in the adapter folder can turn it on.
-    """
+def load_merged(src, dtype: str | None = None):
+    """(model, tokenizer): the base with `src`'s adapter merged in, in memory on the CPU, and the tokenizer as
+    saved. `src` is a `ModelSource` with an adapter; `dtype` (bfloat16 / float16 / float32) defaults to the
+    base checkpoint's own. Shared by `merge_adapter` and `export` (GGUF)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    from chattune.loading import find_stop_ids, load_source_tokenizer, read_model_source
-
-    src = read_model_source(adapter_dir, trust_remote_code=trust_remote_code)
-    if src.adapter_dir is None:
-        raise ChattuneError(f"'{adapter_dir}' is a model directory, not an adapter folder: nothing to merge")
-    out = Path(output_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ChattuneError(f"output directory '{out}' already exists and is not empty; choose a new one")
-    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    dtype = names.get(dtype, dtype) if dtype else None
-    if dtype not in (None, "bfloat16", "float16", "float32"):
-        raise ChattuneError(f"dtype '{dtype}': use bfloat16, float16 or float32 (or leave it unset)")
+    from chattune.loading import load_source_tokenizer
 
     try:  # on the CPU: merging needs no GPU, and a 7B model fits in RAM where it may not fit beside a job
         base = AutoModelForCausalLM.from_pretrained(
@@ -105,6 +86,37 @@ def merge_adapter(
         model = PeftModel.from_pretrained(base, str(src.adapter_dir)).merge_and_unload()
     _settle_tie(model, was_tied)
     tokenizer = load_source_tokenizer(src, for_generation=False)
+    return model, tokenizer
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Write the base model with the adapter merged in to `output_dir` (which must be new or empty).
+
+    `dtype` (bfloat16 / float16 / float32) defaults to the base checkpoint's own dtype.
+    `trust_remote_code`: the user's own flag; nothing in the adapter folder can turn it on.
+    """
+    from transformers import GenerationConfig
+
+    from chattune.loading import find_stop_ids, read_model_source
+
+    src = read_model_source(adapter_dir, trust_remote_code=trust_remote_code)
+    if src.adapter_dir is None:
+        raise ChattuneError(f"'{adapter_dir}' is a model directory, not an adapter folder: nothing to merge")
+    out = Path(output_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ChattuneError(f"output directory '{out}' already exists and is not empty; choose a new one")
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    dtype = names.get(dtype, dtype) if dtype else None
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        raise ChattuneError(f"dtype '{dtype}': use bfloat16, float16 or float32 (or leave it unset)")
+
+    model, tokenizer = load_merged(src, dtype)
 
     # Tools that only read generation_config.json (plain `generate`, vLLM, TGI) must stop at the end of
     # the assistant turn, not run on into a made-up next turn.
