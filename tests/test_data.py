@@ -278,3 +278,44 @@ def test_deeply_nested_json_is_a_bad_row_naming_file_and_line(tmp_path):
     with pytest.raises(DataError, match="nested too deeply") as e:
         read_conversations(csv)
     assert e.value.line == 2
+
+
+def test_eval_converter_for_mixed_sources(tmp_path):
+    """Training sources with different converters: the eval file's converter is named, or asked for."""
+    ident = tmp_path / "identity.json"
+    ident.write_text(
+        json.dumps([{"instruction": "Who are you?", "input": "", "output": "I am {{name}} by {{author}}."}])
+    )
+    general = tmp_path / "general.json"
+    general.write_text(json.dumps([{"instruction": "2+2?", "input": "", "output": "4"}]))
+    held = tmp_path / "held.json"
+    held.write_text(
+        json.dumps([{"instruction": "Your name?", "input": "", "output": "{{name}}, made by {{author}}."}])
+    )
+    common = dict(
+        train_path=[str(ident), str(general)],
+        converter=["identity", None],
+        identity_name="Juniper",
+        identity_author="Acme Lab",
+        eval_path=str(held),
+    )
+    with pytest.raises(ConfigError, match="data.eval_converter"):
+        DataConfig(**common)
+    train, held_convs, _, _ = read_splits(DataConfig(**common, eval_converter="identity"), seed=0)
+    assert "Juniper" in train[0].messages[-1]["content"] and train[1].messages[-1]["content"] == "4"
+    assert held_convs[0].messages[-1]["content"] == "Juniper, made by Acme Lab."
+
+
+def test_eval_command_fills_identity_placeholders(tmp_path):
+    from chattune.evaluate import read_eval_samples
+
+    held = tmp_path / "held.json"
+    held.write_text(
+        json.dumps([{"instruction": "Your name?", "input": "", "output": "{{name}} ({{author}})"}])
+    )
+    with pytest.raises(DataError, match="needs a name and an author"):
+        read_eval_samples(held, converter="identity")
+    (sample,) = read_eval_samples(
+        held, converter="identity", placeholders={"name": "Juniper", "author": "Acme"}
+    )
+    assert sample.reference == "Juniper (Acme)"
