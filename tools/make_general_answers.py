@@ -2,9 +2,11 @@
 
 Self-distillation (the model's answers to questions it already handles) is what keeps a small model's
 general behaviour while LoRA teaches it a new identity: training on them moves nothing the model did
-not already do. Run once; the output is bundled in src/chattune/assets/data/smollm2-general/.
+not already do. Writes every candidate that ended within the token bound; the bundled
+src/chattune/assets/data/smollm2-general/general.json keeps those whose fact was right, checked by hand
+(its SOURCE.md). Run once:
 
-    python tools/make_general_answers.py src/chattune/assets/data/smollm2-general/general.json
+    python tools/make_general_answers.py /tmp/candidates.json
 """
 
 import json
@@ -31,6 +33,12 @@ QUESTIONS = [
     "What is the plural of mouse?", "What is the fastest land animal?", "How many minutes are in an hour?",
     "What is the capital of Canada?", "What shape has three sides?", "Give me a tip for sleeping better.",
     "What is the longest river in Africa?", "What is 12 divided by 4?", "What does a thermometer measure?",
+    "What is the capital of the United Kingdom?", "What is the capital of Russia?", "What is the capital of China?",
+    "What is the capital of Egypt?", "What is the capital of Australia?", "How many legs does a dog have?",
+    "How many wheels does a bicycle have?", "What is the opposite of big?", "What is the chemical symbol for oxygen?",
+    "What is the chemical symbol for iron?", "What is the main gas in the air we breathe?",
+    "What is 100 divided by 10?", "What is 3 + 4?", "What is 1 + 1?", "What is 7 + 2?", "What is 3 times 3?",
+    "What is 6 + 6?", "What is 2 + 3?",
 ]
 
 
