@@ -26,6 +26,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from chattune.config import check_output_dir, config_from_dict, parse_overrides
@@ -47,7 +49,9 @@ def cmd_demo(args) -> int:
     print_before_after(read_before_after(out))
     print(f"\nAdapter: {out / 'adapter'}   Report: {out / 'report.html'}")
     print(f"Chat with it: chattune chat {out / 'adapter'}")
-    swanlab_runs = sorted((out / "swanlog").glob("run-*"))
+    # Where track.py told SwanLab to write: SWANLAB_LOG_DIR when set, else the run directory's swanlog/.
+    swanlog = os.environ.get("SWANLAB_LOG_DIR") or os.environ.get("SWANLAB_LOGDIR") or str(out / "swanlog")
+    swanlab_runs = sorted(Path(swanlog).glob("run-*"), key=lambda p: p.stat().st_mtime)
     if swanlab_runs:
         print(f"SwanLab (offline) run: upload it later with `swanlab sync {swanlab_runs[-1]}`")
     return 0
