@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from chattune.checkpoints import load_checkpoint, save_checkpoint
+from chattune.compiling import compile_layers, doc_bound, eager, mark_doc_count_dynamic, use_compile_cache
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
 from chattune.datacheck import preflight
@@ -237,9 +238,14 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     elif use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    # Packs padded to one shape: one static graph for every step, warm from the cache the next run
+    # (compiling.py; issue 14: compilation cost the first ~89 s of a 7B run).
+    fixed_packs = use_compile and tc.packing
     if use_compile:
-        for layer in _decoder_layers(model):
-            layer.compile(dynamic=True)
+        use_compile_cache()
+        if fixed_packs:  # layer 0 then shares the other layers' graph
+            model.enable_input_require_grads()
+        compile_layers(_decoder_layers(model), static_shapes=fixed_packs)
     if offload:
         from chattune.offload import offload_input_embeddings
 
@@ -285,12 +291,19 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     pad_id = tokenizer.pad_token_id
     ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
+    pack_shape: dict = {}
+    if fixed_packs:
+        pack_shape = dict(
+            pad_to=tc.pack_tokens,
+            pad_id=pad_id if pad_id is not None else 0,
+            max_doc_tokens=doc_bound(lengths, tc.pack_tokens),
+        )
 
     def collate(idx: list[int]) -> tuple[dict, int, int]:
         """A micro-batch on the device, with its target and real-token counts taken on the host (no sync)."""
         chunk = [train_ex[i] for i in idx]
         multiple = 8 if device == "cuda" else 1  # whole tensor-core tiles
-        batch = collate_packed(chunk) if tc.packing else collate_padded(chunk, pad_id, multiple)
+        batch = collate_packed(chunk, **pack_shape) if tc.packing else collate_padded(chunk, pad_id, multiple)
         batch = add_target_index(batch)  # on the host: the loss then needs no GPU sync
         n_targets = int(batch["target_index"].numel())
         n_real = sum(len(e["input_ids"]) for e in chunk)
@@ -300,6 +313,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if hasattr(v, "to") else v
             for k, v in batch.items()
         }
+        if fixed_packs:
+            mark_doc_count_dynamic(on_device)
         return on_device, n_targets, n_real
 
     def forward_ctx() -> contextlib.AbstractContextManager:
@@ -358,7 +373,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             return
         if not ((cfg.eval.loss and eval_ex) or samples):  # evaluation is off: nothing to say either
             return
-        with embeddings_on_device(model):  # memory mode: generation wants the whole model on the GPU
+        # Eager: evaluation's shapes change every batch, and compiling them cost more than it saved.
+        with embeddings_on_device(model), eager() if use_compile else contextlib.nullcontext():
             _evaluate(step, epoch, tag)
 
     def _evaluate(step: int, epoch: float, tag: str) -> None:
@@ -497,6 +513,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             "train_s": meter.total_time,
             "train_tokens": meter.total_tokens,
             "tokens_per_s": meter.total_tokens / max(meter.total_time, 1e-9),
+            # Training seconds to the end of the first / tenth step: compilation shows here.
+            "first_step_s": meter.marks.get(1),
+            "first_10_steps_s": meter.marks.get(10),
             "steps": step,
             "peak_mem_gib": peak_mem_gib(device),
             "hardware": hardware if world.size == 1 else f"{world.size} processes x {hardware}",
