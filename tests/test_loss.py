@@ -133,6 +133,29 @@ def test_fixed_shape_pack_equals_unpadded_pack(tiny_model_dir, attn):
         _assert_grad_close(g, g_want[name])
 
 
+def test_varlen_attention_computes_in_the_autocast_dtype_like_sdpa():
+    """fp32 q/k (RoPE with fp32 weights) and bf16 v under autocast: attention runs in bf16, as SDPA would."""
+    from chattune.attention import varlen_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 9, 8, generator=gen), torch.randn(1, 2, 9, 8, generator=gen)
+    v = torch.randn(1, 2, 9, 8, generator=gen).bfloat16()
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5)
+        want = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True
+                )
+                for s, e in ((0, 4), (4, 9))
+            ],
+            dim=2,
+        ).transpose(1, 2)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)  # bf16 rounding
+
+
 def test_packed_varlen_skips_transformers_mask_building(tiny_model_dir, monkeypatch):
     """Packed + chattune_varlen: no packed-sequence detection (a GPU sync), and the same loss and grads."""
     import transformers.masking_utils as mu

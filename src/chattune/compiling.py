@@ -4,7 +4,8 @@
 what keeps that cheap (bench/RESULTS.md, issue 14: the first steps of a 7B run spent ~89 s compiling):
 - packs of one fixed shape (`packing.collate_packed(pad_to=..., max_doc_tokens=...)`) compiled with
   static shapes, the document count alone left dynamic (only the attention kernel reads it), so one
-  graph serves every step instead of a symbolic-shape graph;
+  graph serves every step instead of a symbolic-shape graph (where attention is torch's varlen kernel
+  in half precision; `train.run` keeps every dimension symbolic elsewhere);
 - every layer's input requires grad (`train.run` asks the model), so layer 0 shares the graph of the
   others instead of compiling its own (~1 % more backward work for the first layer);
 - evaluation and sample generation run eagerly: their shapes change with every batch and they run

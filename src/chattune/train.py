@@ -178,7 +178,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     import torch
     from transformers import get_scheduler
 
-    from chattune.attention import pick_attn_implementation, register_attention
+    from chattune.attention import VARLEN, pick_attn_implementation, register_attention, varlen_kernel_ready
     from chattune.loss import add_target_index, lm_loss_sum
     from chattune.offload import embeddings_on_device
     from chattune.packing import build_batches, collate_packed, collate_padded
@@ -240,7 +240,14 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
     # Packs padded to one shape: one static graph for every step, warm from the cache the next run
     # (compiling.py; issue 14: compilation cost the first ~89 s of a 7B run).
-    fixed_packs = use_compile and tc.packing
+    # Only where attention is torch's varlen kernel: the per-document fallback loop breaks the graph.
+    fixed_packs = (
+        use_compile
+        and tc.packing
+        and attn == VARLEN
+        and varlen_kernel_ready()
+        and pick_dtype(cfg.model.dtype, device) in (torch.bfloat16, torch.float16)
+    )
     if use_compile:
         use_compile_cache()
         if fixed_packs:  # layer 0 then shares the other layers' graph
