@@ -11,6 +11,12 @@ prints the run's own summary (real tokens/s from `summary.json`, peak memory, wa
 
 Extra arguments are `section.key=value` overrides of the config below (the 7B huanhuan tutorial's
 LoRA: r 8, alpha 32, dropout 0.1, q/k/v/o/gate/up/down; eval loss on, no sample generation).
+
+The result also says where the start of the run went (issue 14), measured from outside the trainer so
+that any version of it can be timed (`--src` imports another checkout's `src/`, e.g. the code before a
+change): seconds from `run()` to the baseline evaluation's log line, to the end of the first optimizer
+step (one sync there), to the step-10 log line; every log line's time; and torch's compile counters
+(graphs, recompiles, cache hits and misses) and compile-phase times.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
+if "--src" in sys.argv:  # another checkout's code, before anything imports chattune
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--src") + 1]).resolve()))
 
 
 def write_random_model(arch: str, target: Path) -> Path:
@@ -60,6 +69,50 @@ def write_random_model(arch: str, target: Path) -> Path:
     return target
 
 
+class LineClock:
+    """Times at which lines appear in a growing file (the run's metrics.jsonl), polled every 20 ms."""
+
+    def __init__(self, path: Path, t0: float) -> None:
+        self.path, self.t0, self.rows = path, t0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        seen = 0
+        while not self._stop.is_set():
+            try:
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+            except (FileNotFoundError, UnicodeDecodeError):
+                lines = []
+            now = time.perf_counter() - self.t0
+            for line in lines[seen:]:
+                try:
+                    self.rows.append((round(now, 2), json.loads(line)))
+                except json.JSONDecodeError:
+                    break  # half-written: read again next time
+                seen += 1
+            time.sleep(0.02)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join()
+        return self.rows
+
+
+def compile_stats() -> dict:
+    """torch's own counters of this process: graphs, recompiles, cache hits/misses, phase times."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics, counters
+    except ImportError:
+        return {}
+    keep = ("stats", "frames", "recompiles", "graph_break", "inductor", "aot_autograd")
+    out: dict = {k: dict(counters[k]) for k in keep if k in counters}
+    out["inductor"] = {k: v for k, v in out.get("inductor", {}).items() if "cache" in k or "graph" in k}
+    out["phase_s"] = {k: [round(sum(v), 2), len(v)] for k, v in compilation_time_metrics.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="qwen2.5-7b")
@@ -73,6 +126,7 @@ def main() -> None:
         default=0,
         help="repeat the data file's records up to this many (a workload's size)",
     )
+    ap.add_argument("--src", default=None, help="import chattune from this src/ folder instead")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
@@ -116,13 +170,38 @@ def main() -> None:
             node = node.setdefault(part, {})
         node[leaf] = value
     cfg = config_from_dict(tree, "trainer_run")
-    run(cfg)
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import chattune
+
+    t_run = time.perf_counter()
+    marks: dict = {}
+
+    def after_step(optimizer, args, kwargs) -> None:
+        marks["steps"] = marks.get("steps", 0) + 1
+        if marks["steps"] == 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks["step1"] = time.perf_counter() - t_run
+
+    hook = register_optimizer_step_post_hook(after_step)
+    clock = LineClock(out / "metrics.jsonl", t_run)
+    try:
+        run(cfg)
+    finally:
+        hook.remove()
+        lines = clock.stop()
+    t_done = time.perf_counter() - t_run
     summary = json.loads((out / "summary.json").read_text())
+    baseline = next((t for t, r in lines if "eval/loss" in r and r.get("step") == 0), None)
+    step10 = next((t for t, r in lines if "train/loss" in r and r.get("step") == 10), None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/tokens_per_s" in r]
     steady = train_rows[1:] or train_rows  # the first window holds compilation
     result = {
         "arch": a.arch,
+        "chattune_src": str(Path(chattune.__file__).parent),
         "data": Path(a.data).name,
         "records": a.records or None,
         "overrides": a.overrides,
@@ -138,6 +217,19 @@ def main() -> None:
         "peak_mem_gib": summary["peak_mem_gib"],
         "hardware": summary["hardware"],
         "versions": summary["versions"],
+        "run_s": round(t_done, 1),
+        "start": {  # seconds from run() (issue 14: where the first minute goes)
+            "baseline_eval_logged": baseline,
+            "step1_done": round(marks["step1"], 2) if "step1" in marks else None,
+            "step10_logged": step10,
+            "first_step_s": round(marks["step1"] - baseline, 2) if baseline and "step1" in marks else None,
+            "first_10_steps_s": round(step10 - baseline, 2) if baseline and step10 else None,
+            "trainer_first_step_s": summary.get("first_step_s"),
+            "trainer_first_10_steps_s": summary.get("first_10_steps_s"),
+        },
+        "log_times": [[t, r.get("step"), r.get("train/loss", r.get("eval/loss"))] for t, r in lines],
+        "losses": [[r["step"], r["train/loss"]] for r in train_rows],
+        "compile": compile_stats(),
         "first_loss": train_rows[0]["train/loss"] if train_rows else None,
         "last_loss": train_rows[-1]["train/loss"] if train_rows else None,
         "eval": [

@@ -19,7 +19,7 @@ from chattune.attention import (
     pick_attn_implementation,
     register_attention,
 )
-from chattune.loss import activation_bytes_per_token, checkpointing_needed, lm_loss_sum
+from chattune.loss import activation_bytes_per_token, add_target_index, checkpointing_needed, lm_loss_sum
 from chattune.packing import IGNORE_INDEX, collate_packed, collate_padded
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,6 +106,54 @@ def test_packed_equals_one_by_one(tiny_model_dir, attn):
     for name in g_packed:
         assert g_packed[name].abs().sum() > 0, name
         _assert_grad_close(g_packed[name], g_single[name])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", VARLEN])
+def test_fixed_shape_pack_equals_unpadded_pack(tiny_model_dir, attn):
+    """A pack padded to the run's fixed shape (compiled training): same loss, same LoRA gradients."""
+    model = _load(tiny_model_dir, attn)
+    docs = _docs()
+    plain = collate_packed(docs)
+    t = plain["input_ids"].shape[1]
+    padded = collate_packed(
+        docs, pad_to=t + 29, pad_id=0, max_doc_tokens=max(len(d["input_ids"]) for d in docs)
+    )
+    assert padded["input_ids"].shape[1] == t + 29 and len(padded["cu_seq_lens_q"]) > len(
+        plain["cu_seq_lens_q"]
+    )
+    want, n_want = lm_loss_sum(model, plain)
+    want.backward()
+    g_want = _lora_grads(model)
+    model.zero_grad()
+    got, n_got = lm_loss_sum(model, add_target_index(padded), chunk_rows=7)
+    got.backward()
+    assert n_got == n_want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in _lora_grads(model).items():
+        _assert_grad_close(g, g_want[name])
+
+
+def test_varlen_attention_computes_in_the_autocast_dtype_like_sdpa():
+    """fp32 q/k (RoPE with fp32 weights) and bf16 v under autocast: attention runs in bf16, as SDPA would."""
+    from chattune.attention import varlen_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 9, 8, generator=gen), torch.randn(1, 2, 9, 8, generator=gen)
+    v = torch.randn(1, 2, 9, 8, generator=gen).bfloat16()
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=5)
+        want = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True
+                )
+                for s, e in ((0, 4), (4, 9))
+            ],
+            dim=2,
+        ).transpose(1, 2)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-3)  # bf16 rounding
 
 
 def test_packed_varlen_skips_transformers_mask_building(tiny_model_dir, monkeypatch):

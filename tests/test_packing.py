@@ -73,6 +73,33 @@ def test_collate_packed_positions_labels_and_boundaries():
     assert count_label_tokens(out) == 5
 
 
+def test_collate_packed_pads_to_a_fixed_shape():
+    """Padding documents of at most `max_doc_tokens`, never targets; max_length is the fixed bound."""
+    docs = [_ex([11, 12, 13], 1), _ex([21, 22], 1)]
+    out = collate_packed(docs, pad_to=12, pad_id=0, max_doc_tokens=4)
+    m = IGNORE_INDEX
+    assert out["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0, 0, 0, 0, 0, 0, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
+    assert out["labels"].tolist() == [[m, 12, 13, m, 22, m, m, m, m, m, m, m]]
+    assert out["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12]
+    assert out["max_length_q"] == out["max_length_k"] == 4
+    assert count_label_tokens(out) == count_label_tokens(collate_packed(docs)) == 3
+    # Every pack of a run gets the same shape and max_length, whatever it holds.
+    other = collate_packed([_ex([1, 2], 1)], pad_to=12, pad_id=0, max_doc_tokens=4)
+    assert other["input_ids"].shape == out["input_ids"].shape and other["max_length_q"] == 4
+    # A full pack gets no padding; without a bound, max_length covers the padding document too.
+    assert collate_packed(docs, pad_to=5)["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert collate_packed(docs, pad_to=12)["max_length_q"] == 7
+
+
+def test_collate_packed_refuses_what_does_not_fit():
+    docs = [_ex([11, 12, 13], 1), _ex([21, 22], 1)]
+    with pytest.raises(ChattuneError, match="5 tokens, more than pad_to=4"):
+        collate_packed(docs, pad_to=4)
+    with pytest.raises(ChattuneError, match="document of 3 tokens is longer than max_doc_tokens=2"):
+        collate_packed(docs, pad_to=8, max_doc_tokens=2)
+
+
 def test_collate_padded_masks_padding():
     out = collate_padded([_ex([1, 2, 3], 1), _ex([4, 5], 1)], pad_id=0, pad_to_multiple_of=4)
     m = IGNORE_INDEX

@@ -24,6 +24,20 @@ def test_step_meter_reads_queued_steps_once_and_skips_paused_time():
     assert meter.total_tokens == 160
 
 
+def test_step_meter_marks_the_first_and_tenth_step_in_training_time():
+    """Compilation's cost: training seconds to step 1 and step 10, evaluation pauses left out."""
+    meter = StepMeter()
+    time.sleep(0.05)
+    meter.add(torch.tensor(1.0), torch.tensor(1.0), 1, 10)
+    with meter.paused():
+        time.sleep(0.3)
+    for _ in range(9):
+        meter.add(torch.tensor(1.0), torch.tensor(1.0), 1, 10)
+    meter.add(torch.tensor(1.0), torch.tensor(1.0), 1, 10)
+    assert sorted(meter.marks) == [1, 10]
+    assert 0.05 <= meter.marks[1] < 0.25 and meter.marks[1] <= meter.marks[10] < 0.3
+
+
 def test_matmul_params_counts_a_tied_head_once_and_skips_lora(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

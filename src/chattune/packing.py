@@ -30,6 +30,19 @@ Three documents A (3 tokens), B (2) and C (4) become::
 No attention_mask is returned for a pack: transformers 5 derives the block-causal mask from
 the restarting position_ids (and our varlen kernel reads `cu_seq_lens_q/k` directly), which
 holds only without a KV cache, so packed forwards must run with `use_cache=False`.
+
+For compiled layers every pack can take one fixed shape (`collate_packed(..., pad_to=12,
+max_doc_tokens=4)` on the pack above): the rest of the row is filled with padding documents
+of at most `max_doc_tokens` tokens, which attend only to themselves and are never targets, and
+`max_length` is that bound, not the pack's own longest document::
+
+    tokens         a0  a1  a2  b0  b1  c0  c1  c2  c3   p   p   p
+    position_ids    0   1   2   0   1   0   1   2   3   0   1   2
+    labels          -  a1  a2   -  b1   -  c1  c2  c3   -   -   -
+    cu_seq_lens    [0, 3, 5, 9, 12]            max_length 4 in every pack
+
+So one compiled graph serves every step (only the document count varies, and only the attention
+kernel reads it); the real documents' losses and gradients are those of the unpadded pack.
 """
 
 from __future__ import annotations
@@ -84,16 +97,29 @@ def pack_bins(lengths: Sequence[int], budget_tokens: int) -> list[list[int]]:
     return bins
 
 
-def collate_packed(examples: Sequence[dict]) -> dict[str, torch.Tensor | int]:
-    """Lay `examples` end to end in one (1, T) row; see the module docstring for the picture.
+def collate_packed(
+    examples: Sequence[dict],
+    *,
+    pad_to: int | None = None,
+    pad_id: int = 0,
+    max_doc_tokens: int | None = None,
+) -> dict[str, torch.Tensor | int]:
+    """Lay `examples` end to end in one (1, T) row; see the module docstring for the pictures.
 
     Returns `input_ids`, `labels`, `position_ids` (all int64, shape (1, T)), plus the keys that
     transformers forwards to the attention function: `cu_seq_lens_q`/`cu_seq_lens_k` (int32,
     (docs + 1,)) and `max_length_q`/`max_length_k` (python ints), computed here on the CPU so
     the attention kernel never has to sync the GPU to find document boundaries.
+
+    `pad_to`: T is exactly this many tokens, the rest filled with `pad_id` documents of at most
+    `max_doc_tokens` tokens (default `pad_to`). `max_doc_tokens`: the `max_length` reported for
+    every pack, a bound on each document's length (a fixed number keeps compiled graphs static).
+    Raises ChattuneError when the documents exceed `pad_to` or a document exceeds `max_doc_tokens`.
     """
     if not examples:
         raise ChattuneError("cannot collate an empty pack")
+    if max_doc_tokens is not None and max_doc_tokens < 1:
+        raise ChattuneError(f"max_doc_tokens must be at least 1, got {max_doc_tokens}")
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -112,6 +138,23 @@ def collate_packed(examples: Sequence[dict]) -> dict[str, torch.Tensor | int]:
         positions.extend(range(len(doc_ids)))
         cu.append(cu[-1] + len(doc_ids))
     max_len = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+    if max_doc_tokens is not None:
+        if max_len > max_doc_tokens:
+            raise ChattuneError(
+                f"a document of {max_len} tokens is longer than max_doc_tokens={max_doc_tokens}"
+            )
+        max_len = max_doc_tokens
+    if pad_to is not None:
+        if cu[-1] > pad_to:
+            raise ChattuneError(f"the pack holds {cu[-1]} tokens, more than pad_to={pad_to}")
+        chunk = max_doc_tokens or pad_to
+        while cu[-1] < pad_to:  # padding documents: attend to themselves only, never a target
+            n = min(chunk, pad_to - cu[-1])
+            ids.extend([pad_id] * n)
+            labels.extend([IGNORE_INDEX] * n)
+            positions.extend(range(n))
+            cu.append(cu[-1] + n)
+            max_len = max(max_len, n)  # the kernel must see every token of every document
     cu_t = torch.tensor(cu, dtype=torch.int32)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),

@@ -32,7 +32,12 @@ class StepMeter:
     while the host prepares the next step (~3 % of a 7B step on an H200, bench/RESULTS.md). The
     device tensors wait here until a log line needs them. Time spent evaluating or checkpointing
     (inside `paused()`) counts neither as training time nor towards tokens/s.
+
+    `marks[n]`: training seconds from the meter's start to the end of step n, for n in `MARK_STEPS`
+    (compilation's cost shows there; each costs one sync, twice a run).
     """
+
+    MARK_STEPS = (1, 10)
 
     def __init__(self) -> None:
         self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
@@ -41,11 +46,17 @@ class StepMeter:
         self.tokens = self.total_tokens = 0
         self.time = self.total_time = 0.0
         self.t0 = time.time()
+        self.steps = 0
+        self.marks: dict[int, float] = {}
 
     def add(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, n_labels: int, real_tokens: int) -> None:
         self.pending.append((loss_sum, grad_norm, n_labels))
         self.tokens += real_tokens
         self.total_tokens += real_tokens
+        self.steps += 1
+        if self.steps in self.MARK_STEPS:
+            float(grad_norm)  # waits for this step's GPU work
+            self.marks[self.steps] = self.total_time + time.time() - self.t0
 
     def _settle(self) -> None:
         """Wait for the queued steps (the first float() syncs) and bank the time they took."""

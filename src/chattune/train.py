@@ -34,6 +34,7 @@ from chattune.checkpoints import (
     tidy_run_dir,
     write_adapter,
 )
+from chattune.compiling import compile_layers, doc_bound, eager, mark_doc_count_dynamic, use_compile_cache
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
 from chattune.datacheck import preflight, require_examples
@@ -165,7 +166,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     import torch
     from transformers import get_scheduler
 
-    from chattune.attention import pick_attn_implementation, register_attention
+    from chattune.attention import VARLEN, pick_attn_implementation, register_attention, varlen_kernel_ready
     from chattune.loss import add_target_index, lm_loss_sum
     from chattune.offload import embeddings_on_device
     from chattune.packing import collate_packed, collate_padded
@@ -225,9 +226,21 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     elif use_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    # Packs padded to one shape: one static graph for every step, warm from the cache the next run
+    # (compiling.py; issue 14: compilation cost the first ~89 s of a 7B run).
+    # Only where attention is torch's varlen kernel: the per-document fallback loop breaks the graph.
+    fixed_packs = (
+        use_compile
+        and tc.packing
+        and attn == VARLEN
+        and varlen_kernel_ready()
+        and pick_dtype(cfg.model.dtype, device) in (torch.bfloat16, torch.float16)
+    )
     if use_compile:
-        for layer in _decoder_layers(model):
-            layer.compile(dynamic=True)
+        use_compile_cache()
+        if fixed_packs:  # layer 0 then shares the other layers' graph
+            model.enable_input_require_grads()
+        compile_layers(_decoder_layers(model), static_shapes=fixed_packs)
     if offload:
         from chattune.offload import offload_input_embeddings
 
@@ -266,12 +279,19 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     )
     pad_id = tokenizer.pad_token_id
     ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
+    pack_shape: dict = {}
+    if fixed_packs:
+        pack_shape = dict(
+            pad_to=tc.pack_tokens,
+            pad_id=pad_id if pad_id is not None else 0,
+            max_doc_tokens=doc_bound(lengths, tc.pack_tokens),
+        )
 
     def collate(idx: list[int]) -> tuple[dict, int, int]:
         """A micro-batch on the device, with its target and real-token counts taken on the host (no sync)."""
         chunk = [train_ex[i] for i in idx]
         multiple = 8 if device == "cuda" else 1  # whole tensor-core tiles
-        batch = collate_packed(chunk) if tc.packing else collate_padded(chunk, pad_id, multiple)
+        batch = collate_packed(chunk, **pack_shape) if tc.packing else collate_padded(chunk, pad_id, multiple)
         batch = add_target_index(batch)  # on the host: the loss then needs no GPU sync
         n_targets = int(batch["target_index"].numel())
         n_real = sum(len(e["input_ids"]) for e in chunk)
@@ -281,6 +301,8 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if hasattr(v, "to") else v
             for k, v in batch.items()
         }
+        if fixed_packs:
+            mark_doc_count_dynamic(on_device)
         return on_device, n_targets, n_real
 
     def forward_ctx() -> contextlib.AbstractContextManager:
@@ -346,8 +368,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             return
         # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
         # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
+        # Eager: evaluation's shapes change every batch, and compiling them cost more than it saved.
         rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else [])
-        with rng, embeddings_on_device(model):  # memory mode: generation wants the whole model on the GPU
+        with rng, embeddings_on_device(model), eager() if use_compile else contextlib.nullcontext():
             _evaluate(step, epoch, tag)
 
     def _evaluate(step: int, epoch: float, tag: str) -> None:
@@ -497,6 +520,9 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
             "train_s": total.train_s,
             "train_tokens": total.train_tokens,
             "tokens_per_s": total.train_tokens / max(total.train_s, 1e-9),
+            # Training seconds to the end of the first / tenth step: compilation shows here.
+            "first_step_s": meter.marks.get(1),
+            "first_10_steps_s": meter.marks.get(10),
             "steps": step,
             "resumed_at_steps": total.resumed_at,
             "peak_mem_gib": peak_mem_gib(device),
