@@ -236,7 +236,7 @@ def test_plain_model_dir_loads(tiny_model_dir):
     assert len(generate(plain, QUESTIONS[:2], max_new_tokens=3)) == 2
 
 
-def test_predict_file(loaded, tmp_path):
+def test_predict_file(loaded, tmp_path, capsys):
     from chattune.infer import generate, predict_file
 
     src = tmp_path / "in.jsonl"
@@ -254,6 +254,7 @@ def test_predict_file(loaded, tmp_path):
     single = generate(loaded, [[{"role": "user", "content": "What is 2+2?"}]], max_new_tokens=4)[0]
     assert rows[1]["prediction"] == single
     assert [p.name for p in out.parent.iterdir()] == ["pred.jsonl"]  # no temp file left behind
+    assert "predict: 2/3 answered" in capsys.readouterr().err  # progress after every batch
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "ok"}\n{not json\n', encoding="utf-8")
@@ -425,3 +426,22 @@ def test_chat_writes_to_the_current_stdout(loaded, monkeypatch):
     with contextlib.redirect_stdout(buf):
         run_chat(loaded, input_fn=read)
     assert "streamed\n" in buf.getvalue()
+
+
+def test_chat_names_the_templates_default_system_prompt(loaded):
+    """No stored system prompt, but the template inserts one (Qwen's, SmolLM2's): chat says which."""
+    import io
+
+    from chattune.chat import run_chat
+
+    saved = loaded.system_prompt
+    loaded.system_prompt = None
+    try:
+        out = io.StringIO()
+        read, _ = _feed(["/system", "/exit"])
+        run_chat(loaded, input_fn=read, output=out)
+    finally:
+        loaded.system_prompt = saved
+    assert (
+        "the chat template puts its default first: You are Qwen, created by Alibaba Cloud" in out.getvalue()
+    )

@@ -210,3 +210,25 @@ def test_non_finite_numbers_are_refused_before_anything_loads(tiny_model_dir, tm
     with pytest.raises(ConfigError, match=f"'{key}': must be a finite number"):
         run(config_from_dict(tree))
     assert not (tmp_path / "run").exists()
+
+
+def test_identity_sample_prompts_and_silence_when_evaluation_is_off(tiny_model_dir, tmp_path, capsys):
+    """eval.samples_path goes through the identity converter with the configured name and author; a run
+    with evaluation off prints no empty evaluation line."""
+    data = tmp_path / "identity.json"
+    rows = [
+        {"instruction": f"Who are you {i}?", "input": "", "output": "I am {{name}} by {{author}}."}
+        for i in range(8)
+    ]
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    tree = tiny_tree(tiny_model_dir, data, tmp_path / "run", max_steps=1, epochs=1)
+    tree["data"].update(converter="identity", identity_name="Juniper", identity_author="Acme Lab")
+    tree["eval"] = {"samples": 1, "samples_path": str(data), "max_new_tokens": 2, "loss": False}
+    out = run(config_from_dict(tree))
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert preds[0]["reference"] == "I am Juniper by Acme Lab."
+    capsys.readouterr()
+    tree["train"]["output_dir"] = str(tmp_path / "silent")
+    tree["eval"] = {"samples": 0, "loss": False}
+    run(config_from_dict(tree))
+    assert "eval [" not in capsys.readouterr().err
