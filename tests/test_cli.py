@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -141,3 +142,58 @@ def test_demo_end_to_end_shortened(tmp_path, capsys):
     assert "Unseen identity questions answered as Juniper" in printed and "before" in printed
     synced = [line for line in printed.splitlines() if "swanlab sync" in line]  # SwanLab offline mode
     assert synced and Path(synced[0].split("swanlab sync ")[1].strip("`")).is_dir()
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):
+    """predict / eval / export: an output where a directory or file is in the way is one line, exit 2."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n')
+    missing_model = str(tmp_path / "no-such-adapter")  # never reached: the output is checked first
+    cases = [
+        (["predict", missing_model, "--input", str(data), "--output", str(a_dir)], "is a directory"),
+        (["predict", missing_model, "--input", str(data), "--output", str(a_file / "o.jsonl")], "is a file"),
+        (["eval", missing_model, "--data", str(data), "--output", str(a_file / "e")], "is a file"),
+        (["eval", missing_model, "--data", str(data), "--output", str(a_file)], "is a file"),
+        (["export", missing_model, "--format", "gguf", "--output", str(a_file / "x.gguf")], "is a file"),
+    ]
+    for argv, why in cases:
+        assert main(argv) == 2, argv
+        assert why in one_error_line(capsys), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file", "q.jsonl"]
+
+
+def test_eval_refuses_identity_placeholders_without_the_converter(tmp_path, capsys):
+    data = tmp_path / "held.json"
+    data.write_text(json.dumps([{"instruction": "Your name?", "input": "", "output": "I am {{name}}."}]))
+    assert main(["eval", str(tmp_path / "unused"), "--data", str(data)]) == 2
+    assert "--converter identity" in one_error_line(capsys)
+
+
+def test_data_check_resolves_builtin_names(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n')
+    cfg.write_text(f"model:\n  name_or_path: builtin:nope\ndata:\n  train_path: {data}\n")
+    assert main(["data", "check", str(cfg)]) == 2
+    assert "unknown built-in model 'builtin:nope'" in one_error_line(capsys)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Atomic writes go through owner-only temp names; what lands is readable as the umask allows."""
+    from chattune.files import publish
+
+    folder = tmp_path / "tmpdir"
+    folder.mkdir(mode=0o700)
+    (folder / "w.safetensors").write_bytes(b"x")
+    (folder / "w.safetensors").chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        publish(folder)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "w.safetensors").stat().st_mode & 0o777 == 0o644

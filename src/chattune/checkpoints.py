@@ -26,6 +26,7 @@ from typing import Any
 from chattune.config import Config, config_to_dict, dump_config
 from chattune.distributed import World, gather_trainable
 from chattune.errors import ChattuneError, ConfigError
+from chattune.files import publish
 from chattune.templates import end_of_turn_token
 
 STATE_KEYS = ("optimizer", "scheduler", "step")
@@ -84,6 +85,7 @@ def write_adapter(
     if cfg.model.quantization != "none":  # merge notes it: the adapter learned on a rounded copy of the base
         info["trained_on_quantized_base"] = cfg.model.quantization
     (tmp / "inference.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    publish(tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -435,6 +437,7 @@ class Checkpointer:
         if self.sharded:
             state["sharded_lora"] = lora
         torch.save(state, tmp / "state.pt")
+        publish(tmp)
         tmp.rename(self.ckpt_dir / f"step-{step:07d}")
         for old in sorted(self.ckpt_dir.glob("step-*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)

@@ -72,9 +72,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from chattune.infer import predict_file
+    from chattune.files import check_output_path
+    from chattune.infer import predict_file, read_prompts
     from chattune.loading import load_for_inference
 
+    check_output_path(args.output, "--output", directory=False)  # before the model loads, not after
+    read_prompts(args.input, "auto", None)  # a bad row is reported before the model loads too
     loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     n = predict_file(
         loaded,

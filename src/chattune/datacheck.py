@@ -184,12 +184,21 @@ def load_data_tokenizer(model_cfg):
     """The tokenizer (with the configured chat template) and its directory; never the weights."""
     from dataclasses import replace
 
-    from chattune.models import BUILTIN_PREFIX, load_tokenizer, resolve_model_dir, tokenizer_asset_dir
+    from chattune.models import (
+        BUILTIN_MODELS,
+        BUILTIN_PREFIX,
+        load_tokenizer,
+        resolve_model_dir,
+        tokenizer_asset_dir,
+    )
     from chattune.templates import chat_template_path
 
-    if model_cfg.name_or_path.startswith(BUILTIN_PREFIX):
-        model_dir = tokenizer_asset_dir()  # the built-in models use the vendored tokenizer
-    else:
+    name = model_cfg.name_or_path.removeprefix(BUILTIN_PREFIX)
+    if model_cfg.name_or_path.startswith(BUILTIN_PREFIX) and name in BUILTIN_MODELS:
+        model_dir = (
+            tokenizer_asset_dir()
+        )  # the tiny built-ins use the vendored tokenizer: no need to build them
+    else:  # a real model (a converted GGUF included) has its own tokenizer; an unknown name is an error
         model_dir = resolve_model_dir(model_cfg.name_or_path, model_cfg.source, model_cfg.revision)
     cfg = replace(model_cfg, chat_template=chat_template_path(model_cfg.chat_template))
     return load_tokenizer(model_dir, cfg), model_dir

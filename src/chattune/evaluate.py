@@ -18,6 +18,7 @@ from pathlib import Path
 
 from chattune.data import Conversation, read_conversations
 from chattune.errors import ChattuneError, DataError
+from chattune.files import check_output_path, publish
 
 
 @dataclass
@@ -176,7 +177,17 @@ def run_eval(
         raise ChattuneError(f"--batch-size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ChattuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if output_dir is not None:
+        check_output_path(output_dir, "--output", directory=True)
     eval_set = read_eval_samples(data, limit=samples, converter=converter, placeholders=placeholders)
+    if converter != "identity" and any(
+        "{{name}}" in s.reference or "{{author}}" in s.reference for s in eval_set
+    ):
+        raise ChattuneError(
+            f"{data}: reference answers still say {{{{name}}}} / {{{{author}}}} (LLaMA-Factory's identity "
+            "placeholders), so they would be scored as written; pass --converter identity --identity-name N "
+            "--identity-author A"
+        )
     src = read_model_source(model, trust_remote_code=True)  # names only: the load below warns and decides
 
     loaded = load_for_inference(model, device=device, trust_remote_code=trust_remote_code)
@@ -239,6 +250,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        publish(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from chattune.errors import ChattuneError, ModelError
+from chattune.files import check_output_path, publish
 
 ARCHITECTURES = ("llama", "qwen2")  # transformers model_type == llama.cpp architecture name
 DTYPES = ("f16", "bf16", "q8_0")
@@ -64,6 +65,7 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
     if out.suffix.lower() != ".gguf":
         raise ChattuneError(f"output '{out}' must end in .gguf")
     modelfile = out.with_name(out.stem + ".Modelfile")
+    check_output_path(out, "--output", directory=False)
     for p in (out, modelfile):
         if p.exists():
             raise ChattuneError(f"'{p}' already exists; choose another --output or delete it first")
@@ -116,6 +118,7 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
             },
         )
         tmp_modelfile.write_text(modelfile_text, encoding="utf-8")
+        publish(tmp)
         os.replace(tmp, out)
         os.replace(tmp_modelfile, modelfile)
     except BaseException:

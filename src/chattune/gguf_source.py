@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from chattune.errors import ModelError
+from chattune.files import publish
 
 GGUF_CONVERTER_VERSION = "v1"  # bump whenever the directory a conversion writes changes
 
@@ -166,6 +167,7 @@ def materialize_gguf(path: Path, cache_root: Path) -> Path:
             "converter": f"chattune {GGUF_CONVERTER_VERSION} (transformers' GGUF reader)",
         }
         (tmp / "chattune_source.json").write_text(json.dumps(source, indent=2), encoding="utf-8")
+        publish(tmp)
         tmp.rename(target)
     except FileExistsError:
         pass  # another process finished first; theirs is identical

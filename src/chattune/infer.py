@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from chattune.errors import ChattuneError, DataError
+from chattune.files import publish
 from chattune.loading import Loaded
 
 # Only the trainer's answer (the last assistant turn) is predicted; this fills a missing one so the record
@@ -398,6 +399,7 @@ def predict_file(
                 prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
                 row = {"prompt": prompt, "prediction": answers[i], "reference": ref}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        publish(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

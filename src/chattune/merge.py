@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from chattune.errors import ChattuneError, ModelError
+from chattune.files import publish
 
 
 def _untie_embeddings(model) -> bool:
@@ -150,6 +151,7 @@ def merge_adapter(
             shutil.copy2(src.adapter_dir / "chattune.yaml", tmp / "chattune.yaml")
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace it on every platform
+        publish(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

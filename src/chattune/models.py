@@ -21,6 +21,7 @@ from pathlib import Path
 
 from chattune.config import LoraConfig, ModelConfig
 from chattune.errors import ConfigError, ModelError
+from chattune.files import publish
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_VERSION = "v2"  # bump whenever the weights a build produces change
@@ -183,6 +184,7 @@ def materialize_builtin(name: str) -> Path:
         encoding="utf-8",
     )
     try:
+        publish(tmp)
         tmp.rename(target)
     except OSError:  # another process finished first; theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)

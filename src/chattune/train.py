@@ -139,11 +139,12 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         )
     else:
         samples = build_samples(eval_convs, cfg.eval.samples)
+    skipped, dropped = read_report.skipped, train_report.dropped
     _say(
-        f"data: {read_report.rows} rows read from {dc.train_path}, {sum(read_report.skipped.values())} skipped "
-        f"{dict(read_report.skipped) or ''}; {len(train_ex)} train / {len(eval_ex)} eval examples; "
-        f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(train_report.dropped.values())} dropped "
-        f"{dict(train_report.dropped) or ''}"
+        f"data: {read_report.rows} rows read from {dc.train_path}, {sum(skipped.values())} skipped"
+        f"{f' {dict(skipped)}' if skipped else ''}; {len(train_ex)} train / {len(eval_ex)} eval examples; "
+        f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
+        f"{f' {dict(dropped)}' if dropped else ''}"
     )
 
     from chattune.packing import build_batches
