@@ -326,7 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every model it wraps: a
+    # warning about the libraries' interplay that the user can do nothing about, printed by every command.
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+    )
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

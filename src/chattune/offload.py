@@ -43,7 +43,9 @@ def offload_input_embeddings(model: nn.Module, device: str | torch.device) -> bo
         return False  # the hooks below pass no gradient back to a table on the host
     embed.to("cpu")
     target = torch.device(device)
-    needs_grad = bool(getattr(hf, "is_gradient_checkpointing", False))
+    needs_grad = bool(
+        getattr(hf, "is_activation_checkpointing", getattr(hf, "is_gradient_checkpointing", False))
+    )
 
     def ids_to_host(module, args):  # to wherever the table is (the GPU during `embeddings_on_device`)
         return (args[0].to(module.weight.device),) + tuple(args[1:])
