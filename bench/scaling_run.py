@@ -50,7 +50,7 @@ def cases(a: argparse.Namespace, before_src: str | None) -> list[tuple[str, list
         *R64,
         *PACKED,
         f"train.max_steps={a.max_steps}",
-        "train.logging_steps=1",
+        f"train.logging_steps={a.logging_steps}",
     ]
     run = str(HERE / "trainer_run.py")
     out = [
@@ -162,6 +162,10 @@ def main() -> None:
     )
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--max-steps", type=int, default=40)
+    ap.add_argument(
+        "--logging-steps", type=int, default=1, help="1: per-step losses, at the cost of a host sync a step"
+    )
+    ap.add_argument("--cases", nargs="*", default=None, help="case names to run (default: all)")
     ap.add_argument("--before-src", default=None, help="another checkout's src/ to run as `ddp-before`")
     ap.add_argument("--deadline", type=float, default=520, help="seconds for all cases together")
     a = ap.parse_args()
@@ -173,11 +177,11 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "cases.log"
     rows: list[dict] = []
-    code, stdout = run_logged("nccl-probe", [*TWO, str(Path(__file__).resolve()), "--probe"], 90, log)
-    found = [line for line in stdout.splitlines() if line.startswith("PROBE ")]
-    rows.append({"case": "nccl-probe", **(json.loads(found[0][6:]) if found else {"error": f"exit {code}"})})
-    print("SCALING_RESULT " + json.dumps(rows[-1]), flush=True)
+    if a.cases is None or "nccl-probe" in a.cases:
+        probe_rows(rows, log)
     for name, cmd, budget in cases(a, a.before_src):
+        if a.cases is not None and name not in a.cases:
+            continue
         left = a.deadline - (time.perf_counter() - t0)
         if left < budget * 0.6:
             rows.append({"case": name, "skipped": f"{left:.0f} s left of the deadline"})
@@ -189,6 +193,13 @@ def main() -> None:
         )
         (logs / "scaling-results.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     report(rows)
+
+
+def probe_rows(rows: list[dict], log: Path) -> None:
+    code, stdout = run_logged("nccl-probe", [*TWO, str(Path(__file__).resolve()), "--probe"], 90, log)
+    found = [line for line in stdout.splitlines() if line.startswith("PROBE ")]
+    rows.append({"case": "nccl-probe", **(json.loads(found[0][6:]) if found else {"error": f"exit {code}"})})
+    print("SCALING_RESULT " + json.dumps(rows[-1]), flush=True)
 
 
 def report(rows: list[dict]) -> None:
