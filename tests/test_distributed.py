@@ -163,14 +163,17 @@ def rows(run_dir: Path, key: str) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "mode, packing",
-    [("ddp", False), ("fsdp", True)],
-    ids=["ddp-padded", "fsdp-packed"],
+    "mode, packing, reshard",
+    [("ddp", False, "auto"), ("fsdp", True, "on"), ("fsdp", True, "off")],
+    ids=["ddp-padded", "fsdp-packed", "fsdp-packed-kept-gathered"],
 )
 def test_two_processes_follow_one_process_and_only_rank0_writes(
-    mode, packing, tiny_model_dir, data_files, tmp_path
+    mode, packing, reshard, tiny_model_dir, data_files, tmp_path
 ):
+    # grad_accum_steps 5 over 2 processes: 3 micro-batches and 2 plus a blank one, gradients crossing
+    # ranks once per step (DDP's no_sync, FSDP's gradient sync and resharding off until the last).
     extra = {"packing": packing, "pack_tokens": 96} if packing else {}
+    extra["fsdp_reshard_after_forward"] = reshard
     extra["save_steps"] = 2  # checkpoints at steps 2 and 4 of 6 (the last one is kept)
     one = run(config_from_dict(tiny_tree(tiny_model_dir, data_files, tmp_path / "one" / "run", **extra)))
 

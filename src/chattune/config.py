@@ -260,6 +260,11 @@ class TrainConfig:
     copy of the model in each and sums the LoRA gradients; `fsdp` shards the base weights over them (FSDP2),
     for a model too large for one GPU. Either way an optimizer step's `grad_accum_steps` micro-batches are
     shared out among the processes, so the global batch is the one-device batch. One process: ignored."""
+    fsdp_reshard_after_forward: Literal["auto", "on", "off"] = "auto"
+    """With `distributed: fsdp`: `on` frees each layer's gathered weights after its forward and gathers them
+    again for its backward (least memory); `off` keeps them until the backward (one all-gather per layer per
+    micro-batch instead of two; the whole model's weights are held at the end of the forward). `auto`: `off`
+    when the model's weights take at most a quarter of the GPU's memory."""
 
 
 @dataclass(frozen=True)

@@ -39,17 +39,17 @@ from chattune.config import Config, config_to_dict, dump_config
 from chattune.data import read_splits
 from chattune.datacheck import preflight, require_examples
 from chattune.distributed import (
+    Replicas,
     broadcast_trainable,
     check_launch,
     end_process_group,
     full_tensor,
     gather_trainable,
     init_process_group,
+    keep_gathered_fits,
     read_world,
     shard_model,
     share_window,
-    sum_gradients,
-    sum_ints,
     sum_tensor_,
 )
 from chattune.errors import ChattuneError, ConfigError
@@ -261,8 +261,20 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     if world.size > 1:
         broadcast_trainable([p for p in model.parameters() if p.requires_grad])
         torch.manual_seed(tc.seed + world.rank)  # LoRA dropout: each rank draws its own masks
+    ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
+
+    def loss_of(m, batch: dict):  # the micro-batch's summed loss
+        return lm_loss_sum(m, batch, ce_chunk_rows)[0]
+
+    engine = None  # how several processes share a step: Replicas (ddp) or Shards (fsdp)
     if sharded:
-        shard_model(model.get_base_model(), _decoder_layers(model), device, world.size)
+        reshard = {"on": True, "off": False}.get(tc.fsdp_reshard_after_forward)
+        if reshard is None:  # auto
+            reshard = not keep_gathered_fits(model.get_base_model(), device)
+        engine = shard_model(model.get_base_model(), _decoder_layers(model), device, world.size, reshard)
+    elif world.size > 1:
+        engine = Replicas(model, loss_of, world, device)  # the loss runs through torch's DDP
+    step_loss = engine.loss if isinstance(engine, Replicas) else lambda batch: loss_of(model, batch)
 
     # ---- the optimizer and its schedule ---------------------------------------------------------------------
     if tc.grad_accum_steps % world.size:
@@ -279,7 +291,6 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         num_training_steps=total_steps,
     )
     pad_id = tokenizer.pad_token_id
-    ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
     pack_shape: dict = {}
     if fixed_packs:
         pack_shape = dict(
@@ -289,13 +300,16 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         )
 
     def collate(idx: list[int]) -> tuple[dict, int, int]:
-        """A micro-batch on the device, with its target and real-token counts taken on the host (no sync)."""
+        """A micro-batch on the host, with its target and real-token counts (known without a GPU sync)."""
         chunk = [train_ex[i] for i in idx]
         multiple = 8 if device == "cuda" else 1  # whole tensor-core tiles
         batch = collate_packed(chunk, **pack_shape) if tc.packing else collate_padded(chunk, pad_id, multiple)
         batch = add_target_index(batch)  # on the host: the loss then needs no GPU sync
         n_targets = int(batch["target_index"].numel())
         n_real = sum(len(e["input_ids"]) for e in chunk)
+        return batch, n_targets, n_real
+
+    def to_device(batch: dict) -> dict:
         # Pinned: a copy from pageable memory would first wait for the GPU to drain its queue.
         pin = device == "cuda"
         on_device = {
@@ -304,7 +318,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         }
         if fixed_packs:
             mark_doc_count_dynamic(on_device)
-        return on_device, n_targets, n_real
+        return on_device
 
     def forward_ctx() -> contextlib.AbstractContextManager:
         if not half:
@@ -433,30 +447,29 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                 continue  # resumed: these steps were done before the checkpoint
             if step >= total_steps:
                 break
-            micro = [collate(idx) for idx in share_window(window, world)]  # all of them on one process
+            # Every rank collates the whole step on the host, so each knows the step's counts without a
+            # collective (a host sync per step), then runs its share of it.
+            staged = [collate(idx) for idx in window]
             # Normalise by the labeled tokens of the whole accumulated batch, so the loss is the
             # per-token mean however the tokens were split into micro-batches, packs or processes.
-            n_labels = sum(n for _, n, _ in micro)
-            real_tokens = sum(n for _, _, n in micro)  # padding is work the GPU did for nothing
-            if world.size > 1:
-                n_labels, real_tokens = sum_ints([n_labels, real_tokens], device)  # the whole step's
-            n_labels = max(1, n_labels)
+            n_labels = max(1, sum(n for _, n, _ in staged))
+            real_tokens = sum(n for _, _, n in staged)  # padding is work the GPU did for nothing
+            mine = share_window(staged, world)
+            # Gradients cross ranks inside the backward of each rank's last pass (DDP's buckets, FSDP's
+            # reduce-scatter), so every rank runs as many passes as the busiest one: a rank short of a
+            # micro-batch runs a blank one that takes part and adds nothing.
+            passes = math.ceil(len(window) / world.size)
             loss_total = torch.zeros((), device=device)  # summed on the device, read at the next log line
-            for b, _, _ in micro:
-                with forward_ctx():
-                    loss_sum, _ = lm_loss_sum(model, b, ce_chunk_rows)
-                (loss_sum / n_labels).backward()
-                loss_total += loss_sum.detach()
-            if sharded:
-                # FSDP summed the gradients in each backward (reduce-scatter). It also gathers weights in
-                # every forward and backward, so a rank with fewer micro-batches runs blank ones.
-                for _ in range(math.ceil(len(window) / world.size) - len(micro)):
-                    b, _, _ = collate(window[0])
+            for i in range(passes):
+                blank = i >= len(mine)
+                b = to_device((mine[i] if not blank else staged[0])[0])
+                sync = engine.micro_batch(last=i == passes - 1) if engine else contextlib.nullcontext()
+                with sync:
                     with forward_ctx():
-                        loss_sum, _ = lm_loss_sum(model, b)
-                    (loss_sum * 0.0).backward()  # takes part, adds nothing
-            elif world.size > 1:
-                sum_gradients(params)  # replicas: one all-reduce of the LoRA gradients
+                        loss_sum = step_loss(b)
+                    ((loss_sum * 0.0) if blank else (loss_sum / n_labels)).backward()
+                if not blank:
+                    loss_total += loss_sum.detach()
             if world.size > 1:
                 sum_tensor_(loss_total)
             grad_norm_t = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
