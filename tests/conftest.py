@@ -22,6 +22,17 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "src" / "chattune" / "assets" / "tokenizers" / "qwen2.5-instruct"
+HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"
+
+
+def write_huanhuan_slice(folder: Path, n: int) -> Path:
+    """The first `n` real 甄嬛 records as `folder/huanhuan<n>.json`: a few optimizer steps of real data."""
+    import json
+
+    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[:n]
+    path = folder / f"huanhuan{n}.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

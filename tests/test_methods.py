@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_huanhuan_slice
 
 from chattune.config import LoraConfig, ModelConfig, TrainConfig, config_from_dict
 from chattune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 
 
@@ -28,10 +28,7 @@ def _one_torch_thread(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[:24]
-    path = tmp_path_factory.mktemp("data") / "huanhuan24.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
+    return write_huanhuan_slice(tmp_path_factory.mktemp("data"), 24)
 
 
 def tree(model_dir: Path, data: Path, out: Path, lora: dict | None = None, **train) -> dict:

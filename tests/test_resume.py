@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_huanhuan_slice
 from safetensors.torch import load_file
 
 from chattune.cli import main
@@ -24,7 +25,6 @@ from chattune.errors import ChattuneError
 from chattune.train import run
 
 REPO = Path(__file__).resolve().parents[1]
-HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"
 PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,10 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """40 huanhuan records: 5 optimizer steps an epoch of 4 x 2."""
-    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[:40]
-    path = tmp_path_factory.mktemp("data") / "huanhuan40.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
+    return write_huanhuan_slice(tmp_path_factory.mktemp("data"), 40)
 
 
 def tree(model_dir: Path, data: Path, out: Path, **train) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_huanhuan_slice
 
 from chattune.cli import main
 from chattune.config import load_config
@@ -19,7 +20,6 @@ from chattune.errors import ConfigError
 from chattune.sweep import build_variants, is_finished, parse_vary, slug_of, split_values
 
 REPO = Path(__file__).resolve().parents[1]
-HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"
 
 
 # -- variations, without training ----------------------------------------------------------------------
@@ -100,10 +100,7 @@ def write_config(path: Path, model_dir: Path, data: Path, out: Path, sweep: dict
 
 @pytest.fixture(scope="module")
 def data_slice(tmp_path_factory) -> Path:
-    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[:24]
-    path = tmp_path_factory.mktemp("data") / "huanhuan24.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
+    return write_huanhuan_slice(tmp_path_factory.mktemp("data"), 24)
 
 
 @pytest.fixture(scope="module")

@@ -384,7 +384,8 @@ def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny
     import torch
 
     from chattune.config import config_from_dict
-    from chattune.train import file_sha256, run
+    from chattune.files import file_sha256
+    from chattune.train import run
 
     monkeypatch.setenv("CI", "true")
     closed = io.StringIO()

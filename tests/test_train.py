@@ -9,22 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_huanhuan_slice
 
 from chattune.config import config_from_dict, load_config
 from chattune.errors import ChattuneError, ConfigError
 from chattune.train import run
 
 REPO = Path(__file__).resolve().parents[1]
-HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"
 
 
 @pytest.fixture(scope="module")
 def huanhuan_slice(tmp_path_factory) -> Path:
     """40 real huanhuan records: enough for a few optimizer steps, small enough for two CPU cores."""
-    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[:40]
-    path = tmp_path_factory.mktemp("data") / "huanhuan40.json"
-    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return path
+    return write_huanhuan_slice(tmp_path_factory.mktemp("data"), 40)
 
 
 def tiny_tree(model_dir: Path, data: Path, out: Path, **train) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from chattune.data import Conversation, read_conversations
 from chattune.errors import ChattuneError, DataError
-from chattune.files import check_output_path, publish
+from chattune.files import check_output_path, file_sha256, publish
 
 
 @dataclass
@@ -167,7 +167,6 @@ def run_eval(
     from chattune.loading import load_for_inference, read_model_source
     from chattune.metrics import resolve_metrics
     from chattune.templates import template_default_system
-    from chattune.train import file_sha256
 
     # Everything the user typed is checked before the (slow) model load.
     names = resolve_metrics(task, metrics)

