@@ -127,11 +127,22 @@ def main() -> None:
         help="repeat the data file's records up to this many (a workload's size)",
     )
     ap.add_argument("--src", default=None, help="import chattune from this src/ folder instead")
+    ap.add_argument(
+        "--no-lora-fusion",
+        action="store_true",
+        help="LoRA A projections that share an input stay separate matmuls (issue 14 item 2's A/B); "
+        "give the run its own compile cache, the pass's cache key does not see this switch",
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
     from chattune.config import config_from_dict, parse_overrides
     from chattune.train import run
+
+    if a.no_lora_fusion:
+        import chattune.compiling
+
+        chattune.compiling.fuse_lora_inputs = lambda graph: 0
 
     t0 = time.perf_counter()
     model_dir = write_random_model(a.arch, Path(a.model_dir) / a.arch)

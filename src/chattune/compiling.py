@@ -19,6 +19,7 @@ what keeps that cheap (bench/RESULTS.md, issue 14: the first steps of a 7B run s
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -67,15 +68,17 @@ def doc_bound(lengths: Sequence[int], pack_tokens: int) -> int:
     return min(pack_tokens, -(-longest // _DOC_BOUND_MULTIPLE) * _DOC_BOUND_MULTIPLE)
 
 
-def compile_layers(layers: Sequence, static_shapes: bool) -> None:
+def compile_layers(layers: Sequence, static_shapes: bool, fuse_lora: bool = True) -> None:
     """`torch.compile` each layer in place (regional compilation: the layers share one code object).
 
     `static_shapes`: inputs keep one shape from step to step (fixed-shape packs), so the graph is
     specialised to it, save the dimensions marked by `mark_doc_count_dynamic`; otherwise every
     dimension is symbolic (padded batches change width every step).
+    `fuse_lora`: LoRA A projections that share an input run as one matmul (`fuse_lora_inputs`).
     """
+    options = {"pre_grad_custom_pass": _lora_a_fusion_pass()} if fuse_lora else None
     for layer in layers:
-        layer.compile(dynamic=None if static_shapes else True)
+        layer.compile(dynamic=None if static_shapes else True, options=options)
 
 
 def mark_doc_count_dynamic(batch: dict) -> dict:
@@ -95,3 +98,78 @@ def eager() -> Iterator[None]:
 
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+def _lora_a_fusion_pass():
+    """The `FuseLoRAInputs` pass as inductor's `CustomGraphPass` (with a uuid, so the cache keeps working)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class FuseLoRAInputs(CustomGraphPass):
+        __doc__ = fuse_lora_inputs.__doc__
+
+        def __call__(self, graph) -> None:
+            fuse_lora_inputs(graph)
+
+        def uuid(self):
+            return get_hash_for_files((__file__,))
+
+    return FuseLoRAInputs()
+
+
+# A LoRA A projection has `r` output rows; base layers have thousands. Trainable, bias-free linears
+# no wider than this that read one tensor are fused; a full fine-tune's wide weights are left alone.
+_MAX_FUSED_ROWS = 1024
+
+
+def fuse_lora_inputs(graph) -> int:
+    """Fuse the trainable LoRA A projections that read the same tensor into one matmul (an FX pass).
+
+    In a decoder layer q/k/v read the same normed hidden states, and so do gate/up: peft runs one
+    `linear(x, A)` per module, so x ([tokens, hidden], bf16) is read 3 (2) times in the forward and
+    in the backward's A gradient, and 3 (2) input gradients of [tokens, hidden] are written and
+    summed. Here each such group becomes `linear(x, cat([A_q, A_k, A_v]))` split along the last
+    dimension: one read of x, one input gradient (autograd differentiates the fused graph). The
+    products are the same dot products (results may differ in the last bits, by the matmul's tiling).
+
+    Matches `torch.nn.functional.linear(x, w)` with no bias where `w` is a 2-D graph input that
+    requires grad and has at most 1,024 rows, grouped by `x`; LoRA dropout > 0 gives each module its
+    own input, so nothing is fused then. Returns the number of fused groups. The idea is inductor's
+    own `batch_linear_lhs` pre-grad fusion, which needs 2-D inputs and fuses frozen weights too.
+    """
+    import torch
+
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+            continue
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x, w, bias = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
+        if bias is not None or not isinstance(w, torch.fx.Node) or w.op not in ("placeholder", "get_attr"):
+            continue
+        value = w.meta.get("example_value", w.meta.get("val"))
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.requires_grad:
+            continue
+        if value.shape[0] > _MAX_FUSED_ROWS:
+            continue
+        groups.setdefault(x, []).append((node, w, value))
+    fused = 0
+    for x, members in groups.items():
+        kinds = {(v.dtype, v.device, v.shape[1]) for _, _, v in members}
+        if len(members) < 2 or len(kinds) != 1:
+            continue
+        first = members[0][0]
+        rows = [int(v.shape[0]) for _, _, v in members]
+        with graph.inserting_before(first):
+            weight = graph.call_function(torch.cat, ([w for _, w, _ in members],), {"dim": 0})
+            out = graph.call_function(torch.nn.functional.linear, (x, weight))
+            parts = graph.call_function(torch.split, (out, rows), {"dim": -1})
+        for i, (node, _, _) in enumerate(members):
+            with graph.inserting_after(parts):
+                part = graph.call_function(operator.getitem, (parts, i))
+            part.meta.update(node.meta)
+            node.replace_all_uses_with(part)
+            graph.erase_node(node)
+        fused += 1
+    if fused:
+        graph.lint()
+    return fused
