@@ -62,6 +62,11 @@ def prepare(work: Path, arch: str = "qwen2.5-7b", records: int = RECORDS) -> tup
     return model, data
 
 
+def _pythonpath() -> str:
+    """This checkout's src/ first, then whatever the caller set (e.g. carried wheels' folder)."""
+    return os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def timed(cmd: list[str], env: dict, log: Path, limit: float) -> tuple[float, int, list[tuple[float, str]]]:
     """Run `cmd`; returns (wall seconds, exit code, [(seconds since start, stderr+stdout line)])."""
     t0 = time.perf_counter()
@@ -88,7 +93,7 @@ def timed(cmd: list[str], env: dict, log: Path, limit: float) -> tuple[float, in
 def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, limit: float) -> dict:
     out = work / f"run-{name}"
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "CHATTUNE_CACHE": str(work / "cache"), "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "CHATTUNE_CACHE": str(work / "cache"), "PYTHONPATH": _pythonpath()}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     if name == "cold":
         shutil.rmtree(work / "cache", ignore_errors=True)
@@ -146,7 +151,7 @@ def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, li
 def trainer_case(name: str, model: Path, work: Path, logs: Path, limit: float) -> dict:
     """Item 2's A/B: the same short run with the LoRA A fusion on and off (shared compile cache)."""
     # Each its own compile cache: the fusion pass's cache key does not see the switch.
-    env = {**os.environ, "CHATTUNE_CACHE": str(work / f"cache-{name}"), "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "CHATTUNE_CACHE": str(work / f"cache-{name}"), "PYTHONPATH": _pythonpath()}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     cmd = [
         sys.executable, str(HERE / "trainer_run.py"), "--arch", "qwen2.5-7b", "--model-dir", str(model.parent),

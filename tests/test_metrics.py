@@ -171,3 +171,19 @@ def test_jieba_is_quiet(capfd: pytest.CaptureFixture[str]) -> None:
     metrics._jieba.cache_clear()
     compute_metrics(["我爱北京"], ["我爱北京"], ["rouge1"])
     assert "prefix dict" not in capfd.readouterr().err
+
+
+def test_metrics_whose_packages_are_missing_are_refused_by_name(monkeypatch):
+    import importlib.util
+
+    from chattune.errors import ChattuneError
+    from chattune.metrics import require_metric_packages
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "jieba" else real(name, *a)
+    )
+    require_metric_packages(["bleu4_char", "rougeL_char", "accuracy"])  # characters: no jieba needed
+    with pytest.raises(ChattuneError) as e:
+        require_metric_packages(["bleu4", "rougeL_char", "rouge1"])
+    assert "jieba (for bleu4, rouge1)" in str(e.value) and "pip install jieba" in str(e.value)

@@ -10,6 +10,9 @@ what keeps that cheap (bench/RESULTS.md, issue 14: the first steps of a 7B run s
   others instead of compiling its own (~1 % more backward work for the first layer);
 - evaluation and sample generation run eagerly: their shapes change with every batch and they run
   a few times a run, so compiling them costs more than it saves;
+- LoRA A projections that read the same tensor (q/k/v, gate/up) are fused into one matmul on the
+  graph before inductor compiles it (`fuse_lora_inputs`; issue 14 item 2: 7 skinny matmuls a layer
+  that each re-read the hidden states);
 - torch's compile cache (inductor's FX graphs, AOT autograd entries, Triton kernels) lives under
   `$CHATTUNE_CACHE/torch-compile/`, so a second run on the same machine starts warm. Inductor keys
   each entry by the graph (architecture, shapes, dtypes), the GPU and the torch/Triton versions; the
@@ -76,9 +79,9 @@ def compile_layers(layers: Sequence, static_shapes: bool, fuse_lora: bool = True
     dimension is symbolic (padded batches change width every step).
     `fuse_lora`: LoRA A projections that share an input run as one matmul (`fuse_lora_inputs`).
     """
-    options = {"pre_grad_custom_pass": _lora_a_fusion_pass()} if fuse_lora else None
+    backend = _inductor_with_lora_fusion if fuse_lora else "inductor"
     for layer in layers:
-        layer.compile(dynamic=None if static_shapes else True, options=options)
+        layer.compile(dynamic=None if static_shapes else True, backend=backend)
 
 
 def mark_doc_count_dynamic(batch: dict) -> dict:
@@ -100,20 +103,17 @@ def eager() -> Iterator[None]:
         yield
 
 
-def _lora_a_fusion_pass():
-    """The `FuseLoRAInputs` pass as inductor's `CustomGraphPass` (with a uuid, so the cache keeps working)."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+def _inductor_with_lora_fusion(gm, example_inputs):
+    """A `torch.compile` backend: `fuse_lora_inputs` on dynamo's graph, then inductor as usual.
 
-    class FuseLoRAInputs(CustomGraphPass):
-        __doc__ = fuse_lora_inputs.__doc__
+    The graph inductor sees is already fused, so its compile caches key on it as on any graph (set
+    as inductor's `pre_grad_custom_pass` instead, torch 2.11 bypassed its FX-graph cache).
+    """
+    from torch._inductor.compile_fx import compile_fx
 
-        def __call__(self, graph) -> None:
-            fuse_lora_inputs(graph)
-
-        def uuid(self):
-            return get_hash_for_files((__file__,))
-
-    return FuseLoRAInputs()
+    if fuse_lora_inputs(gm.graph):
+        gm.recompile()
+    return compile_fx(gm, example_inputs)
 
 
 # A LoRA A projection has `r` output rows; base layers have thousands. Trainable, bias-free linears

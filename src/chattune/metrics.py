@@ -7,6 +7,7 @@ torch, no network. BLEU comes from sacrebleu, ROUGE from rouge-score, word segme
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import unicodedata
 from collections.abc import Callable
@@ -90,6 +91,36 @@ def compute_metrics(predictions: list[str], references: list[str], names: list[s
         else:
             scores[name] = _mean_rouge(predictions, references, split, base)
     return {n: scores[n] for n in names}
+
+
+# The Python packages each text metric imports (pip names): words are split with jieba, characters not.
+_PACKAGES = {"bleu4": ("sacrebleu",), "rouge": ("rouge-score", "nltk")}
+
+
+def require_metric_packages(names: list[str]) -> None:
+    """Refuse, before a run loads its model, metrics whose packages cannot be imported here.
+
+    chattune's install brings them all; an environment assembled by hand (a GPU image, `--no-deps`)
+    may not, and the first evaluation would otherwise fail after the model has loaded.
+    Raises ChattuneError naming the metrics, the missing packages and the pip command.
+    """
+    missing: dict[str, list[str]] = {}
+    for name in names:
+        if name in CLASSIFICATION_METRICS:
+            continue
+        base = name.removesuffix("_char")
+        packages = list(_PACKAGES["bleu4" if base == "bleu4" else "rouge"])
+        if not name.endswith("_char"):
+            packages.append("jieba")
+        for package in packages:
+            if importlib.util.find_spec(package.replace("-", "_")) is None:
+                missing.setdefault(package, []).append(name)
+    if missing:
+        needed = ", ".join(f"{p} (for {', '.join(m)})" for p, m in missing.items())
+        raise ChattuneError(
+            f"eval.metrics: the package(s) {needed} are not installed: pip install {' '.join(missing)}; "
+            "or list other eval.metrics (e.g. bleu4_char needs no jieba), or set eval.samples: 0"
+        )
 
 
 # ---- text metrics ----------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from chattune.methods import (
     initial_adapter_state,
     training_model_config,
 )
+from chattune.metrics import require_metric_packages
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
 from chattune.templates import end_of_turn_token, render_all
 from chattune.throughput import StepMeter, matmul_params, peak_mem_gib, peak_tflops
@@ -87,6 +88,8 @@ def _check_output_dir(path: Path, resume: bool) -> None:
 def run(cfg: Config, *, resume: bool = False) -> Path:
     t_start = time.time()
     _check_finite(cfg)
+    if cfg.eval.samples or cfg.eval.samples_path:  # sample answers are scored after every epoch
+        require_metric_packages(cfg.eval.metrics or _default_metrics(cfg.eval.task))
     dc, tc = cfg.data, cfg.train
     world = read_world()  # one process unless started by torchrun / accelerate launch
     sharded = world.size > 1 and tc.distributed == "fsdp"
