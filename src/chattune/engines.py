@@ -23,6 +23,8 @@ from chattune.errors import ChattuneError, ConfigError
 
 
 class Engine(Protocol):
+    """What `loop.train_step`, the checkpoints and evaluation ask of an engine (see the module docstring)."""
+
     sharded: bool
 
     def loss(self, batch: dict): ...
