@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from chattune.config import config_from_dict
+from chattune.config import TrainConfig, config_from_dict
 from chattune.distributed import (
     World,
     check_launch,
@@ -24,6 +24,7 @@ from chattune.distributed import (
     share_window,
     torchrun_command,
 )
+from chattune.engines import OneProcess, Replicas, Shards, build_engine, engine_for
 from chattune.errors import ChattuneError, ConfigError
 from chattune.train import run
 
@@ -63,6 +64,31 @@ def test_engines_chosen_in_accelerate_config_are_not_silently_ignored():
         check_launch({"ACCELERATE_USE_FSDP": "true"}, "ddp")
     check_launch({"ACCELERATE_USE_FSDP": "true"}, "fsdp")
     check_launch({}, "ddp")
+
+
+def test_one_engine_per_launch_and_one_process_is_plain_torch():
+    assert engine_for(World(), "fsdp") is OneProcess  # nothing to share without a second process
+    assert engine_for(World(rank=1, size=2), "ddp") is Replicas
+    assert engine_for(World(rank=1, size=2), "fsdp") is Shards
+    assert Shards.sharded and not Replicas.sharded and not OneProcess.sharded
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    batch = {"x": torch.randn(3, 4)}
+
+    def loss_of(m, b):
+        return m(b["x"]).sum()
+
+    engine = build_engine(model, TrainConfig(distributed="fsdp"), World(), "cpu", loss_of)
+    assert isinstance(engine, OneProcess) and engine.trainable_state() is None
+    with engine.micro_batch(last=False):
+        loss = engine.loss(batch)
+        loss.backward()
+    assert torch.equal(loss, loss_of(model, batch))
+    total = loss.detach().clone()
+    assert engine.reduce_loss_(total) is total and torch.equal(total, loss)  # nothing to sum
+    want = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert torch.allclose(engine.clip_grad_norm(list(model.parameters()), 1e9), want)
 
 
 def test_gpus_flag_runs_chattune_under_torchrun():

@@ -3,12 +3,12 @@
 `torchrun` and `accelerate launch` start one process per GPU and set RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; `train.run` reads them with `read_world`. Without them the run is one
 process and nothing here calls a collective. Every rank builds the same micro-batch plan (it is a pure
-function of the data and the seed) and takes its share of each optimizer step with `share_window`.
+function of the data and the seed) and takes its share of each optimizer step with `share_window`;
+how the step's gradients then cross ranks (DDP's replicas or FSDP2's shards) is `engines`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -131,143 +131,6 @@ def broadcast_trainable(params: list) -> None:
 
     for p in params:
         dist.broadcast(p.data, src=0)
-
-
-class Replicas:
-    """`train.distributed: ddp`: a whole model per rank, gradients summed by torch's DDP during the backward.
-
-    DDP puts the trainable parameters in ~25 MiB buckets and all-reduces each bucket as soon as the
-    backward has produced its gradients, so the reduction of the last layers' LoRA gradients runs while
-    the first layers are still back-propagating (issue 14: with one all-reduce after the backward, 2
-    GPUs ran 1.86x one). DDP can only do that for a forward it ran itself, so the loss is computed
-    through it: `loss(batch)` is `loss_fn(model, batch)` under DDP. Gradients are SUMMED (a comm hook
-    without DDP's division by the world size), since each rank's loss is already divided by the step's
-    global target count. `micro_batch(last)` skips the reduction for all but a rank's last micro-batch
-    of a step (`no_sync`): gradients accumulate locally and cross ranks once.
-    """
-
-    def __init__(self, model, loss_fn, world: World, device: str) -> None:
-        import inspect
-
-        import torch
-        from torch.nn.parallel import DistributedDataParallel
-
-        class _Loss(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, batch: dict):
-                return loss_fn(self.model, batch)
-
-        # DDP's graph splitting for torch.compile targets a compiled *whole* model; our compiled layers
-        # each end their backward on their own, which is the granularity DDP's buckets overlap at. Left
-        # on, it would cut every layer's graph at bucket edges (other graphs than one process compiles,
-        # so a compile cache warmed by one GPU would miss).
-        torch._dynamo.config.optimize_ddp = False
-        # Buffers (RoPE's inverse frequencies) are computed identically on every rank: no broadcast per
-        # forward. torch 2.13 renamed the argument.
-        quiet = (
-            "forward_sync_buffers"
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            else "broadcast_buffers"
-        )
-        self.ddp = DistributedDataParallel(
-            _Loss(),
-            device_ids=[world.local_rank] if device == "cuda" else None,
-            init_sync=False,  # the frozen weights were loaded alike; `broadcast_trainable` did the rest
-            gradient_as_bucket_view=True,  # gradients live in the buckets: no second copy of them
-            **{quiet: False},
-        )
-        self.ddp.register_comm_hook(None, _sum_hook)
-
-    def loss(self, batch: dict):
-        return self.ddp(batch)
-
-    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if last else self.ddp.no_sync()
-
-
-def _sum_hook(_state, bucket):
-    """DDP comm hook: a plain all-reduce SUM of the bucket (DDP's default divides by the world size)."""
-    import torch.distributed as dist
-
-    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
-
-
-class Shards:
-    """`train.distributed: fsdp`: FSDP2 over the decoder layers; see `shard_model`.
-
-    `micro_batch(last)`: gradients are reduce-scattered once per step, in the backward of a rank's last
-    micro-batch; with `keep_gathered`, a layer's whole weights also stay gathered from one micro-batch
-    to the next of the same step, and are freed after the last one's backward.
-    """
-
-    def __init__(self, root, keep_gathered: bool) -> None:
-        self.root, self.keep_gathered = root, keep_gathered
-
-    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        self.root.set_requires_gradient_sync(last)
-        if self.keep_gathered:
-            self.root.set_reshard_after_backward(last)
-        return contextlib.nullcontext()
-
-
-def keep_gathered_fits(hf_model, device: str) -> bool:
-    """`train.fsdp_reshard_after_forward: auto`: keep whole layers from forward to backward when the
-    whole model's weights take at most a quarter of the GPU's memory (the rest is for activations)."""
-    import torch
-
-    if device != "cuda":
-        return False
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
-    return weight_bytes <= torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 4
-
-
-def shard_model(hf_model, layers: list, device: str, size: int, reshard_after_forward: bool = True) -> Shards:
-    """FSDP2: each decoder layer is one unit, the backbone's remainder (embeddings, final norm) another.
-
-    LoRA weights live inside the layers and are sharded with them. Gradients are SUMMED over ranks
-    (divide factor 1), since each rank's loss is already divided by the step's global target count.
-    The output head stays a plain replicated module: the loss calls the backbone and reads the head's
-    weight directly, so FSDP's forward hooks on an outer unit would never run. (With tied embeddings
-    the head keeps an unsharded copy of the embedding matrix.)
-
-    Each layer prefetches the next one's all-gather (forward) and the previous one's (backward), issued
-    from the host one layer early. `reshard_after_forward=False` keeps each layer's gathered weights
-    until its backward: one all-gather per layer per micro-batch instead of two (the backward needs the
-    frozen weights too, for the input gradient), at the cost of holding the whole model's weights at
-    the end of the forward.
-    """
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-
-    try:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-    except ImportError:
-        FSDPModule = None
-    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
-        raise ConfigError(
-            "train.distributed", f"fsdp needs FSDP2 from a newer torch than {torch.__version__}; use ddp"
-        )
-    mesh = init_device_mesh(device, (size,))
-    backbone = hf_model.base_model
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(backbone, mesh=mesh)
-    for unit in [*layers, backbone]:
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo rejects PREMUL_SUM
-    for i, layer in enumerate(layers):
-        if i + 1 < len(layers):
-            layer.set_modules_to_forward_prefetch([layers[i + 1]])
-        if i > 0 and reshard_after_forward:
-            layer.set_modules_to_backward_prefetch([layers[i - 1]])
-    hf_model.get_output_embeddings().to(device)  # sharded units were moved by FSDP; the head was not
-    # transformers' generate() reads this marker and keeps sharded ranks stepping together (synced_gpus).
-    hf_model._is_fsdp_managed_module = True
-    return Shards(backbone, keep_gathered=not reshard_after_forward)
 
 
 def full_tensor(t):

@@ -8,62 +8,42 @@ file leaves nothing half-written behind.
 
 Launched by torchrun / accelerate launch, every process runs this same function on the same plan and
 takes its share of each optimizer step's micro-batches (`distributed.share_window`); rank 0 alone
-prints, evaluates, logs and writes (see `distributed` for the rest).
+prints, evaluates, logs and writes (see `distributed` for the rest). How the ranks share a step (one
+process, DDP's replicas or FSDP2's shards) is chosen once, in `engines`; the loop is `loop`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
-import json
+import functools
 import math
 import os
-import platform
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from chattune.checkpoints import (
-    AdapterFacts,
-    Checkpointer,
-    Progress,
-    find_resume_point,
-    fingerprint_examples,
-    tidy_run_dir,
-    write_adapter,
-)
-from chattune.compiling import compile_layers, doc_bound, eager, mark_doc_count_dynamic, use_compile_cache
-from chattune.config import Config, config_to_dict, dump_config
+from chattune.checkpoints import find_resume_point, fingerprint_examples
+from chattune.compiling import compile_layers, doc_bound, use_compile_cache
+from chattune.config import Config
 from chattune.data import read_splits
 from chattune.datacheck import preflight, require_examples
-from chattune.distributed import (
-    Replicas,
-    broadcast_trainable,
-    check_launch,
-    end_process_group,
-    full_tensor,
-    gather_trainable,
-    init_process_group,
-    keep_gathered_fits,
-    read_world,
-    shard_model,
-    share_window,
-    sum_tensor_,
-)
+from chattune.distributed import World, check_launch, end_process_group, init_process_group, read_world
+from chattune.engines import Engine, build_engine, decoder_layers, engine_for
 from chattune.errors import ChattuneError, ConfigError
-from chattune.evaluate import build_samples, eval_loss, predict_samples, read_samples, score_predictions
-from chattune.files import file_sha256
+from chattune.evaluate import build_samples, read_samples
+from chattune.loop import Batches, Evaluation, Optim, forward_context, train, train_step
 from chattune.methods import (
     build_optimizer,
     initial_adapter_state,
     training_model_config,
 )
-from chattune.metrics import require_metric_packages
+from chattune.metrics import default_metrics, require_metric_packages
 from chattune.models import add_lora, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_dir
+from chattune.rundir import Opened, open_run_dir, save
 from chattune.templates import end_of_turn_token, render_all
-from chattune.throughput import StepMeter, matmul_params, peak_mem_gib, peak_tflops
-from chattune.track import Tracker, build_tracker
+from chattune.throughput import matmul_params
 
 
 def _say(msg: str) -> None:
@@ -86,27 +66,106 @@ def _check_output_dir(path: Path, resume: bool) -> None:
 
 
 def run(cfg: Config, *, resume: bool = False) -> Path:
+    """One fine-tune of `cfg` on every rank of the launch; returns the run directory (`train.output_dir`).
+
+    `resume`: continue the run directory's last checkpoint (or start it again when it has none).
+    Raises ChattuneError (ConfigError, DataError, ModelError) for what the user gave before anything
+    is written, and when training diverges before an adapter is written.
+    """
     t_start = time.time()
+    world = check_run(cfg, resume)
+    sharded = engine_for(world, cfg.train.distributed).sharded  # the weights split over ranks (fsdp)
+    data = read_and_render(cfg, world)
+    plan = plan_steps(cfg, data, resume, sharded, world.is_main)
+
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    # Every check on the user's config and data has run on every rank: from here on ranks talk.
+    joined = init_process_group(world, device)
+    built = build_model(cfg, data.model_dir, device, world, sharded)
+    engine = build_engine(built.model, cfg.train, world, device, built.loss_of)
+    optim = build_optim(cfg, built, plan.total_steps, device, world)
+    # Everything the user gave has been checked by now: only from here on is anything written.
+    opened = open_run_dir(cfg, data, built, optim, engine, plan, world, device, resume)
+    evaluate = build_evaluation(cfg, data, built, engine, opened, world, device)
+    _say(describe(cfg, built, plan, world, device))
+    if opened.done.step == 0:
+        evaluate(0, 0.0, "baseline")
+
+    batches = build_batching(cfg, data, plan, built, device)
+    forward_ctx = functools.partial(forward_context, built.model, built.half, built.compute_dtype)
+    take_step = functools.partial(
+        train_step, batches=batches, engine=engine, world=world, optim=optim, forward_ctx=forward_ctx
+    )
+    trained = train(
+        cfg.train,
+        plan,
+        take_step,
+        opened,
+        evaluate,
+        optim,
+        model=built.model,
+        world=world,
+        device=device,
+        n_matmul=built.n_matmul,
+        t_start=t_start,
+    )
+    save(cfg, built, engine, opened, trained, world, device, t_start)
+    if built.use_ckpt and built.use_compile:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = 1.0  # the default, for whatever runs next here
+    end_process_group(joined)  # every rank returns once the adapter is written
+    return Path(cfg.train.output_dir)
+
+
+# -- the stages of run(), in order ---------------------------------------------------------------------------
+def check_run(cfg: Config, resume: bool) -> World:
+    """This process's place in the launch, once the config's numbers, the launch and `train.output_dir`
+    are checked (on every rank, like every check before the run directory: a rank failing alone would
+    leave the others waiting). Raises ConfigError / ChattuneError naming the key or folder."""
     _check_finite(cfg)
     if cfg.eval.samples or cfg.eval.samples_path:  # sample answers are scored after every epoch
-        require_metric_packages(cfg.eval.metrics or _default_metrics(cfg.eval.task))
-    dc, tc = cfg.data, cfg.train
+        require_metric_packages(cfg.eval.metrics or default_metrics(cfg.eval.task))
+    tc = cfg.train
     world = read_world()  # one process unless started by torchrun / accelerate launch
-    sharded = world.size > 1 and tc.distributed == "fsdp"
     if world.size > 1:
         check_launch(os.environ, tc.distributed)
         if tc.offload:
             raise ConfigError(
                 "train.offload", "memory mode runs in one process; set it false with several GPUs"
             )
-    out_dir = Path(tc.output_dir)
-    # On every rank, like every check below: a rank failing alone would leave the others waiting.
-    _check_output_dir(out_dir, resume)
+    _check_output_dir(Path(tc.output_dir), resume)
+    return world
 
-    # ---- data: read, validate, split, render with the model's own template -------------------------------
+
+@dataclass(frozen=True)
+class Rendered:
+    """The run's data: read, validated, split and rendered with the model's own template."""
+
+    model_dir: Path
+    tokenizer: object
+    train_ex: list[dict]  # {input_ids, labels}, labels -100 outside what is trained
+    eval_ex: list[dict]  # at most eval.max_eval_examples
+    samples: list[dict]  # prompts whose answers are generated at each evaluation
+    read_report: object  # data.ReadReport of the training file (and its held-out split)
+    eval_read: object  # data.ReadReport of data.eval_path, or None
+    train_report: object  # templates.RenderReport: truncated, dropped
+    eval_report: object
+
+
+def read_and_render(cfg: Config, world: World) -> Rendered:
+    """Read the data, check it against the tokenizer's template (`preflight`) and render it.
+
+    Raises DataError naming file and line for a bad row (with data.on_bad_row: error), and a readable
+    error when no conversation is left to train on.
+    """
+    dc = cfg.data
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model)
-    train_convs, eval_convs, read_report, eval_read = read_splits(dc, tc.seed)
+    train_convs, eval_convs, read_report, eval_read = read_splits(dc, cfg.train.seed)
     # Pre-flight: refuse to train on ids that differ from the template's or an untrained end of turn.
     for warning in preflight(tokenizer, train_convs, model_dir=model_dir, train_on=dc.train_on):
         if world.is_main:
@@ -141,36 +200,85 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
         f"{f' {dict(dropped)}' if dropped else ''}"
     )
+    return Rendered(
+        model_dir, tokenizer, train_ex, eval_ex, samples, read_report, eval_read, train_report, eval_report
+    )
 
-    from chattune.packing import build_batches
 
-    # ---- the plan: micro-batches per epoch, optimizer steps, schedule -------------------------------------
-    lengths = [len(e["input_ids"]) for e in train_ex]
-    plan_kw = dict(
+@dataclass(frozen=True)
+class Plan:
+    """Micro-batches per epoch, optimizer steps, and where a resumed run continues."""
+
+    lengths: list[int]  # tokens of each training example
+    batching: dict  # packing, budget_tokens, micro_batch_size, seed: `packing.build_batches`'s
+    grad_accum_steps: int  # micro-batches per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    n_epochs: int
+    fingerprint: str  # of the training examples, that a checkpoint must match ("" without checkpoints)
+    resume_point: tuple[Path, dict] | None  # (folder, state) of the checkpoint to continue
+
+    def windows(self, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimizer steps, each a list of micro-batches of example indices."""
+        from chattune.packing import build_batches as plan_batches
+
+        batches = plan_batches(self.lengths, epoch=epoch, **self.batching)
+        n = self.grad_accum_steps
+        return [batches[i : i + n] for i in range(0, len(batches), n)]
+
+
+def plan_steps(cfg: Config, data: Rendered, resume: bool, sharded: bool, is_main: bool) -> Plan:
+    """The plan every rank computes alike from the data and the seed; with `resume`, the checkpoint to
+    continue, and a config it cannot continue refused (ChattuneError), before the model loads."""
+    from chattune.packing import build_batches as plan_batches
+
+    tc = cfg.train
+    lengths = [len(e["input_ids"]) for e in data.train_ex]
+    batching = dict(
         packing=tc.packing, budget_tokens=tc.pack_tokens, micro_batch_size=tc.micro_batch_size, seed=tc.seed
     )
-    steps_per_epoch = math.ceil(len(build_batches(lengths, epoch=0, **plan_kw)) / tc.grad_accum_steps)
+    steps_per_epoch = math.ceil(len(plan_batches(lengths, epoch=0, **batching)) / tc.grad_accum_steps)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    # --resume: the checkpoint to continue, and a config it cannot continue refused, before the model loads.
-    fingerprint = fingerprint_examples(train_ex) if (tc.save_steps or resume) else ""
+    fingerprint = fingerprint_examples(data.train_ex) if (tc.save_steps or resume) else ""
     point = None
     if resume:
-        point = find_resume_point(out_dir, cfg, fingerprint, total_steps, sharded, world.is_main)
+        point = find_resume_point(Path(tc.output_dir), cfg, fingerprint, total_steps, sharded, is_main)
+    return Plan(
+        lengths, batching, tc.grad_accum_steps, steps_per_epoch, total_steps, n_epochs, fingerprint, point
+    )
 
-    # ---- model + LoRA ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Built:
+    """The model being trained and the decisions taken for it."""
+
+    model: object  # the peft model (LoRA), or the transformers model (full fine-tuning)
+    attn: str  # attention implementation
+    offload: bool  # memory mode, on a GPU
+    use_ckpt: bool  # activation checkpointing
+    use_compile: bool  # compiled decoder layers
+    fixed_packs: bool  # packs padded to one shape: one static graph
+    half: bool  # compute in `compute_dtype` under autocast
+    compute_dtype: object  # torch dtype
+    initial_lora: dict | None  # PiSSA/OLoRA: to save a plain LoRA at the end
+    n_trainable: int
+    n_total: int
+    n_matmul: int  # parameters in matmuls: 2 FLOPs per token each, forward
+    loss_of: Callable  # (model, batch) -> the micro-batch's summed loss
+
+
+def build_model(cfg: Config, model_dir: Path, device: str, world: World, sharded: bool) -> Built:
+    """The model with LoRA (or every weight trainable), checkpointing and compilation decided and applied.
+
+    `sharded`: loaded onto the host in the device's dtype (FSDP then moves each rank's shard). Raises
+    ModelError for a model that cannot load, ChattuneError when compilation finds no decoder layers.
+    """
     import torch
-    from transformers import get_scheduler
 
     from chattune.attention import VARLEN, pick_attn_implementation, register_attention, varlen_kernel_ready
-    from chattune.loss import add_target_index, lm_loss_sum
-    from chattune.offload import embeddings_on_device
-    from chattune.packing import collate_packed, collate_padded
 
-    torch.manual_seed(tc.seed)
-    device = pick_device(tc.device)
-    # Every check on the user's config and data has run on every rank: from here on ranks talk.
-    joined = init_process_group(world, device)
+    tc, dc = cfg.train, cfg.data
     if not world.is_main:  # the libraries' progress bars and notices: rank 0 shows them once
         import transformers
 
@@ -236,7 +344,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
         use_compile_cache()
         if fixed_packs:  # layer 0 then shares the other layers' graph
             model.enable_input_require_grads()
-        compile_layers(_decoder_layers(model), static_shapes=fixed_packs)
+        compile_layers(decoder_layers(model), static_shapes=fixed_packs)
     if offload:
         from chattune.offload import offload_input_embeddings
 
@@ -245,352 +353,115 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
                 "note: train.offload: the embedding table is tied to the output head or trained, so it "
                 "stays on the GPU"
             )
-    # Half-precision base weights with fp32 LoRA weights (peft's default): autocast runs the LoRA
-    # matmuls in bf16 too, and peft's own input casting (an extra copy per LoRA layer) is turned off.
-    # Full fine-tuning's fp32 weights compute in the same half dtype under autocast.
+    # Half-precision base weights with fp32 LoRA weights (peft's default) compute under autocast
+    # (`loop.forward_context`); full fine-tuning's fp32 weights compute in the same half dtype.
     compute_dtype = pick_dtype(cfg.model.dtype, device)
     half = device == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
-    n_matmul = matmul_params(model)
-    if world.size > 1:
-        broadcast_trainable([p for p in model.parameters() if p.requires_grad])
-        torch.manual_seed(tc.seed + world.rank)  # LoRA dropout: each rank draws its own masks
     ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
+    return Built(
+        model=model,
+        attn=attn,
+        offload=offload,
+        use_ckpt=use_ckpt,
+        use_compile=use_compile,
+        fixed_packs=fixed_packs,
+        half=half,
+        compute_dtype=compute_dtype,
+        initial_lora=initial_lora,
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        n_total=sum(p.numel() for p in model.parameters()),
+        n_matmul=matmul_params(model),
+        loss_of=functools.partial(_loss_sum, ce_chunk_rows=ce_chunk_rows),
+    )
 
-    def loss_of(m, batch: dict):  # the micro-batch's summed loss
-        return lm_loss_sum(m, batch, ce_chunk_rows)[0]
 
-    engine = None  # how several processes share a step: Replicas (ddp) or Shards (fsdp)
-    if sharded:
-        reshard = {"on": True, "off": False}.get(tc.fsdp_reshard_after_forward)
-        if reshard is None:  # auto
-            reshard = not keep_gathered_fits(model.get_base_model(), device)
-        engine = shard_model(model.get_base_model(), _decoder_layers(model), device, world.size, reshard)
-    elif world.size > 1:
-        engine = Replicas(model, loss_of, world, device)  # the loss runs through torch's DDP
-    step_loss = engine.loss if isinstance(engine, Replicas) else lambda batch: loss_of(model, batch)
+def _loss_sum(model, batch: dict, ce_chunk_rows: int | None):
+    """The micro-batch's summed loss (0-d tensor)."""
+    from chattune.loss import lm_loss_sum
 
-    # ---- the optimizer and its schedule ---------------------------------------------------------------------
+    return lm_loss_sum(model, batch, ce_chunk_rows)[0]
+
+
+def build_optim(cfg: Config, built: Built, total_steps: int, device: str, world: World) -> Optim:
+    """AdamW (LoRA+ groups, or on the host in memory mode) and its schedule over `total_steps`."""
+    from transformers import get_scheduler
+
+    tc = cfg.train
     if tc.grad_accum_steps % world.size:
         _say(
             f"note: train.grad_accum_steps ({tc.grad_accum_steps}) is not a multiple of the {world.size} "
             "processes, so some of them idle for part of every step; a multiple keeps all of them busy"
         )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, cfg.lora, tc, device, offload)  # AdamW, LoRA+ groups, or on the host
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(built.model, cfg.lora, tc, device, built.offload)
     scheduler = get_scheduler(
         tc.lr_schedule,
         optimizer,
         num_warmup_steps=int(tc.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    pad_id = tokenizer.pad_token_id
-    pack_shape: dict = {}
-    if fixed_packs:
-        pack_shape = dict(
-            pad_to=tc.pack_tokens,
-            pad_id=pad_id if pad_id is not None else 0,
-            max_doc_tokens=doc_bound(lengths, tc.pack_tokens),
-        )
+    return Optim(optimizer, scheduler, params, tc.max_grad_norm)
 
-    def collate(idx: list[int]) -> tuple[dict, int, int]:
-        """A micro-batch on the host, with its target and real-token counts (known without a GPU sync)."""
-        chunk = [train_ex[i] for i in idx]
-        multiple = 8 if device == "cuda" else 1  # whole tensor-core tiles
-        batch = collate_packed(chunk, **pack_shape) if tc.packing else collate_padded(chunk, pad_id, multiple)
-        batch = add_target_index(batch)  # on the host: the loss then needs no GPU sync
-        n_targets = int(batch["target_index"].numel())
-        n_real = sum(len(e["input_ids"]) for e in chunk)
-        return batch, n_targets, n_real
 
-    def to_device(batch: dict) -> dict:
-        # Pinned: a copy from pageable memory would first wait for the GPU to drain its queue.
-        pin = device == "cuda"
-        on_device = {
-            k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if hasattr(v, "to") else v
-            for k, v in batch.items()
-        }
-        if fixed_packs:
-            mark_doc_count_dynamic(on_device)
-        return on_device
-
-    def forward_ctx() -> contextlib.AbstractContextManager:
-        if not half:
-            return contextlib.nullcontext()
-        from peft.helpers import disable_input_dtype_casting
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast("cuda", dtype=compute_dtype))
-        stack.enter_context(disable_input_dtype_casting(model))
-        return stack
-
-    # ---- run directory, tracker ---------------------------------------------------------------------------
-    # Everything the user gave has been checked by now: only from here on is anything written.
-    facts = AdapterFacts(tokenizer=tokenizer, cfg=cfg, model_dir=model_dir)
-    ckpt = Checkpointer(
-        out_dir / "checkpoints", model, optimizer, scheduler, world, sharded, device, facts, fingerprint
-    )
-    done = ckpt.restore(point, cfg, total_steps)  # on every rank
-    if done.folder is not None:
-        _say(f"resuming from {done.folder} (step {done.step})")
-    start_step = done.step
-    data_info: dict = {}
-    tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
-    if world.is_main:
-        if resume:  # no half-saved folders, and no record of the steps about to be run again
-            tidy_run_dir(out_dir, start_step)
-        data_info = {
-            "train_path": dc.train_path,
-            "train_sha256": file_sha256(dc.train_path) if _is_file(dc.train_path) else None,
-            # Each source's sha256 (a file) or `datasets` fingerprint, as the reader found it.
-            "sources": read_report.as_dict().get("sources"),
-            "read": read_report.as_dict(),
-            "eval_read": eval_read.as_dict() if eval_read else None,
-            "train": train_report.as_dict(),
-            "eval": eval_report.as_dict(),
-        }
-        hparams = {**config_to_dict(cfg), "model_dir": str(model_dir), "dataset": data_info}
-        hparams["params"] = {"trainable": n_trainable, "total": n_total}
-        # The first write: a tracker asked for that cannot start stops the run here and leaves nothing.
-        tracker = build_tracker(cfg.track, out_dir, hparams)
-        (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+def build_evaluation(
+    cfg: Config, data: Rendered, built: Built, engine: Engine, opened: Opened, world: World, device: str
+) -> Evaluation:
+    """Evaluation as the loop calls it (`loop.Evaluation`): rank 0, or every rank of sharded weights."""
     from chattune.loading import Loaded
 
+    tokenizer = data.tokenizer
     eot = end_of_turn_token(tokenizer)
     loaded = Loaded(
-        model=model,
+        model=built.model,
         tokenizer=tokenizer,
-        system_prompt=dc.system_prompt,
+        system_prompt=cfg.data.system_prompt,
         end_of_turn_token=eot,
         name="training",
         stop_token_ids=sorted({tokenizer.convert_tokens_to_ids(eot), tokenizer.eos_token_id}),
     )
-    metric_names = cfg.eval.metrics or _default_metrics(cfg.eval.task)
-    history: list[dict] = done.progress.history  # evaluations of the whole run, resumed or not
+    return Evaluation(
+        cfg=cfg.eval,
+        model=built.model,
+        loaded=loaded,
+        eval_ex=data.eval_ex,
+        samples=data.samples,
+        pad_id=tokenizer.pad_token_id,
+        metric_names=cfg.eval.metrics or default_metrics(cfg.eval.task),
+        tracker=opened.tracker,
+        history=opened.history,
+        takes_part=world.is_main or engine.sharded,
+        device=device,
+        compiled=built.use_compile,
+    )
 
-    def evaluate_now(step: int, epoch: float, tag: str) -> None:
-        # Replicas: rank 0 evaluates alone while the others wait in their next collective. Shards: every
-        # rank runs the same forwards (each one gathers the weights), and only rank 0's tracker records.
-        if not (world.is_main or sharded):
-            return
-        if not ((cfg.eval.loss and eval_ex) or samples):  # evaluation is off: nothing to say either
-            return
-        # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
-        # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
-        # Eager: evaluation's shapes change every batch, and compiling them cost more than it saved.
-        rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else [])
-        with rng, embeddings_on_device(model), eager() if use_compile else contextlib.nullcontext():
-            _evaluate(step, epoch, tag)
 
-    def _evaluate(step: int, epoch: float, tag: str) -> None:
-        row: dict = {"epoch": epoch, "tag": tag}
-        if cfg.eval.loss and eval_ex:
-            row["eval/loss"] = eval_loss(model, eval_ex, pad_id, cfg.eval.batch_size)
-        if samples:
-            preds = predict_samples(
-                loaded, samples, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size
-            )
-            tracker.log_predictions([{**r, "epoch": epoch} for r in preds], step=step, tag=tag)
-            row.update({f"eval/{k}": v for k, v in score_predictions(preds, metric_names).items()})
-            for r in preds[:2]:
-                _say(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
-        tracker.log(row, step=step)
-        history.append({"step": step, **row})
-        shown = {k: round(v, 4) for k, v in row.items() if k.startswith("eval/")}
-        _say(f"eval [{tag}] step {step}: {shown}")
-
-    _say(
-        f"model: {cfg.model.name_or_path} on {device} ({next(model.parameters()).dtype}, attention {attn}, "
-        f"checkpointing {'on' if use_ckpt else 'off'}, compiled layers {'on' if use_compile else 'off'}"
-        f"{', memory mode (offload)' if offload else ''}); {'LoRA' if cfg.lora.enabled else 'full fine-tuning'} trains {n_trainable:,} of {n_total:,} parameters; "
-        f"{total_steps} optimizer steps over {n_epochs} epoch(s)"
+def describe(cfg: Config, built: Built, plan: Plan, world: World, device: str) -> str:
+    """The one line that says what is about to train, and how."""
+    tc = cfg.train
+    return (
+        f"model: {cfg.model.name_or_path} on {device} ({next(built.model.parameters()).dtype}, "
+        f"attention {built.attn}, checkpointing {'on' if built.use_ckpt else 'off'}, compiled layers "
+        f"{'on' if built.use_compile else 'off'}{', memory mode (offload)' if built.offload else ''}); "
+        f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'} trains {built.n_trainable:,} of "
+        f"{built.n_total:,} parameters; {plan.total_steps} optimizer steps over {plan.n_epochs} epoch(s)"
         + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")
     )
-    if start_step == 0:
-        evaluate_now(0, 0.0, "baseline")
 
-    # ---- the loop -------------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
 
-    peak = peak_tflops(device)
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        disable=not (tc.progress and world.is_main),
-        desc="train",
-        dynamic_ncols=True,
-    )
-    step = start_step
-    meter = StepMeter()
-    meter.losses = list(done.progress.unlogged_losses)  # a log line across the checkpoint averages them all
-    # (step, loss, grad norm) on the device, checked for NaN/inf where the host syncs anyway
-    unchecked: list[tuple] = []
-    # Nothing built so far (model, tokenizer, data) becomes garbage during training: frozen, it is left out
-    # of the collector's passes, which otherwise stall the host that feeds the GPU (torchtitan does the same).
-    gc.collect()
-    gc.freeze()
-    model.train()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for epoch in range(n_epochs):
-        batches = build_batches(lengths, epoch=epoch, **plan_kw)
-        windows = [batches[i : i + tc.grad_accum_steps] for i in range(0, len(batches), tc.grad_accum_steps)]
-        stepped = False
-        for w, window in enumerate(windows):
-            if epoch * steps_per_epoch + w < start_step:
-                continue  # resumed: these steps were done before the checkpoint
-            if step >= total_steps:
-                break
-            # Every rank collates the whole step on the host, so each knows the step's counts without a
-            # collective (a host sync per step), then runs its share of it.
-            staged = [collate(idx) for idx in window]
-            # Normalise by the labeled tokens of the whole accumulated batch, so the loss is the
-            # per-token mean however the tokens were split into micro-batches, packs or processes.
-            n_labels = max(1, sum(n for _, n, _ in staged))
-            real_tokens = sum(n for _, _, n in staged)  # padding is work the GPU did for nothing
-            mine = share_window(staged, world)
-            # Gradients cross ranks inside the backward of each rank's last pass (DDP's buckets, FSDP's
-            # reduce-scatter), so every rank runs as many passes as the busiest one: a rank short of a
-            # micro-batch runs a blank one that takes part and adds nothing.
-            passes = math.ceil(len(window) / world.size)
-            loss_total = torch.zeros((), device=device)  # summed on the device, read at the next log line
-            for i in range(passes):
-                blank = i >= len(mine)
-                b = to_device((mine[i] if not blank else staged[0])[0])
-                sync = engine.micro_batch(last=i == passes - 1) if engine else contextlib.nullcontext()
-                with sync:
-                    with forward_ctx():
-                        loss_sum = step_loss(b)
-                    ((loss_sum * 0.0) if blank else (loss_sum / n_labels)).backward()
-                if not blank:
-                    loss_total += loss_sum.detach()
-            if world.size > 1:
-                sum_tensor_(loss_total)
-            grad_norm_t = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            grad_norm_t = full_tensor(grad_norm_t)  # a sharded norm is gathered on every rank
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            stepped = True
-            meter.add(loss_total, grad_norm_t, n_labels, real_tokens)  # no sync: values stay on the device
-            unchecked.append((step, loss_total / n_labels, grad_norm_t))
-            bar.update(1)
-            log_now = step % tc.logging_steps == 0 or step == total_steps
-            save_now = tc.save_steps and step % tc.save_steps == 0 and step < total_steps
-            eval_now = tc.eval_steps and step % tc.eval_steps == 0 and step < total_steps
-            if log_now or save_now or eval_now:  # nothing diverged is logged, saved or evaluated
-                _stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
-            if log_now:
-                loss_mean, grad_norm, tps = meter.read()  # the one host sync of these steps
-                row = {
-                    "train/loss": loss_mean,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm,
-                    "train/epoch": epoch + (w + 1) / len(windows),
-                    "train/tokens_per_s": tps,
-                }
-                row["train/peak_mem_gib"] = peak_mem_gib(device)
-                if peak:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
-                    row["train/mfu"] = 4 * n_matmul * tps / (peak * 1e12 * world.size)
-                tracker.log(row, step=step)
-                bar.set_postfix(
-                    loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
-                )
-            if eval_now:  # before the checkpoint of the same step, so that it holds this evaluation too
-                with meter.paused():
-                    evaluate_now(step, epoch + (w + 1) / len(windows), f"step {step}")
-            if save_now:
-                with meter.paused():
-                    ckpt.save(step, _progress(done.progress, meter, t_start, history))
-        _stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
-        if stepped:
-            with meter.paused():
-                evaluate_now(step, float(epoch + 1), f"epoch {epoch + 1}")
-        if step >= total_steps:
-            break
-    bar.close()
-    gc.unfreeze()
-
-    # ---- save: the adapter folder carries everything needed to use it --------------------------------------
-    lora_state = gather_trainable(model) if sharded else None  # a collective: every rank takes part
-    saved = out_dir / ("adapter" if cfg.lora.enabled else "model")
-    if world.is_main:
-        write_adapter(model, facts, saved, lora_state, initial=initial_lora)
-        total = _progress(done.progress, meter, t_start, history)  # the whole run, over its resumes
-        hardware = (
-            torch.cuda.get_device_name()
-            if device == "cuda"
-            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+def build_batching(cfg: Config, data: Rendered, plan: Plan, built: Built, device: str) -> Batches:
+    """How the loop turns the plan's micro-batches into tensors: padded, packed, or packs of one shape."""
+    tc, pad_id = cfg.train, data.tokenizer.pad_token_id
+    pack_shape: dict = {}
+    if built.fixed_packs:
+        pack_shape = dict(
+            pad_to=tc.pack_tokens,
+            pad_id=pad_id if pad_id is not None else 0,
+            max_doc_tokens=doc_bound(plan.lengths, tc.pack_tokens),
         )
-        summary = {
-            "wall_s": total.wall_s,
-            "train_s": total.train_s,
-            "train_tokens": total.train_tokens,
-            "tokens_per_s": total.train_tokens / max(total.train_s, 1e-9),
-            # Training seconds to the end of the first / tenth step: compilation shows here.
-            "first_step_s": meter.marks.get(1),
-            "first_10_steps_s": meter.marks.get(10),
-            "steps": step,
-            "resumed_at_steps": total.resumed_at,
-            "peak_mem_gib": peak_mem_gib(device),
-            "hardware": hardware if world.size == 1 else f"{world.size} processes x {hardware}",
-            "versions": _versions(),
-            "data": data_info,
-            "evaluations": history,
-        }
-        if world.size > 1:
-            summary["distributed"] = {"processes": world.size, "mode": tc.distributed}
-        (out_dir / "summary.json").write_text(
-            json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8"
-        )
-        tracker.finish()
-        try:
-            from chattune.report import write_report
-
-            write_report(out_dir)
-        except Exception as e:  # a report problem must not lose a finished run
-            _say(f"warning: could not write the run report: {e}")
-        _say(
-            f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); {saved.name}: {saved}"
-        )
-    if use_ckpt and use_compile:
-        functorch_config.activation_memory_budget = 1.0  # the default, for whatever runs next here
-    end_process_group(joined)  # every rank returns once the adapter is written
-    return out_dir
+    return Batches(data.train_ex, tc.packing, pad_id, device, built.fixed_packs, pack_shape)
 
 
 # -- helpers of run() ---------------------------------------------------------------------------------------
-def _stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt_dir: Path) -> None:
-    """Stop the run, before anything more is written, when a step's loss or gradient norm was NaN or inf.
-
-    `unchecked`: (step, loss, gradient norm) device tensors since the last check, emptied here (one sync).
-    The weights of such a step are broken: nothing after it may become an adapter or a checkpoint.
-    """
-    if not unchecked:
-        return
-    import torch
-
-    ok = torch.stack([torch.isfinite(loss) & torch.isfinite(norm) for _, loss, norm in unchecked]).tolist()
-    bad = [entry for entry, fine in zip(unchecked, ok, strict=True) if not fine]
-    unchecked.clear()
-    if not bad:
-        return
-    step, loss, norm = bad[0]
-    last = sorted(ckpt_dir.glob("step-*"))
-    resume = (
-        f"; {last[-1]} holds the weights of an earlier step: `--resume` with a lower train.lr continues from it"
-        if last
-        else ""
-    )
-    raise ChattuneError(
-        f"step {step}: the loss is {float(loss)} and the gradient norm {float(norm)}: training diverged, so no "
-        f"adapter was written. Lower train.lr (now {lr:g}); check the data for broken rows (chattune data "
-        f"check); with model.dtype float16, use bfloat16 or float32 (float16 overflows){resume}"
-    )
-
-
 def _check_finite(cfg: Config) -> None:
     """Every number in the config is finite (`train.lr: .inf` would train into NaN weights)."""
     for section in dataclasses.fields(cfg):
@@ -601,69 +472,7 @@ def _check_finite(cfg: Config) -> None:
                 raise ConfigError(f"{section.name}.{f.name}", f"must be a finite number, got {value}")
 
 
-def _progress(before: Progress, meter: StepMeter, t_start: float, history: list[dict]) -> Progress:
-    """The whole run's counters: those saved before the last resume plus this process's."""
-    return Progress(
-        train_s=before.train_s + meter.total_time,
-        train_tokens=before.train_tokens + meter.total_tokens,
-        wall_s=before.wall_s + time.time() - t_start,
-        history=list(history),
-        resumed_at=list(before.resumed_at),
-        unlogged_losses=list(meter.losses),  # settled: saved inside meter.paused()
-    )
-
-
-class _SilentTracker:
-    """The tracker of ranks other than 0: they train and evaluate like rank 0 but record nothing."""
-
-    def log(self, metrics: dict, step: int) -> None:
-        pass
-
-    def log_predictions(self, rows: list[dict], step: int, tag: str) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-def _default_metrics(task: str) -> list[str]:
-    from chattune.metrics import default_metrics
-
-    return default_metrics(task)
-
-
-def _is_file(path) -> bool:
-    return isinstance(path, str) and Path(path).is_file()
-
-
 def _memory_tight(model, micro_tokens: int) -> bool:
     from chattune.loss import checkpointing_needed
 
     return checkpointing_needed(model, micro_tokens)
-
-
-def _decoder_layers(model) -> list:
-    """The repeated transformer blocks (`model.model.layers` in Qwen2, Llama and ERNIE-4.5 models)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(hf, "model", None), "layers", None)
-    if layers is None:
-        raise ChattuneError(
-            f"train.compile: cannot find the decoder layers of {type(hf).__name__}; set train.compile: off"
-        )
-    return list(layers)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    import chattune
-
-    return {
-        "chattune": chattune.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-    }
