@@ -12,6 +12,7 @@ Cases, each its own process, run in the order given (`--cases`):
   warm       the same command again: the compile cache and rendered data that `cold` left.
   unfused    `trainer_run.py` (1,000 records, 1 epoch, 2 packs a step), LoRA A fusion off (item 2 A/B)
   fused      the same with it on (the default)
+  samples    `fused` with 5 sample answers of up to 256 tokens before and after training (their cost)
   tutorial   the tutorial recipe (`seed_recipe.py`: HF Trainer, padding, bs 4 x GA 4, checkpointing) for
              a few steps on the same lengths; its whole-run time is extrapolated from its speed
   trl        `trl_run.py`: TRL's SFTTrainer at its best settings, whole run (its wheels must be importable)
@@ -163,6 +164,8 @@ def trainer_case(name: str, model: Path, work: Path, logs: Path, limit: float) -
     ]  # fmt: skip
     if name == "unfused":
         cmd.insert(2, "--no-lora-fusion")
+    if name == "samples":  # what the shipped config's sample answers cost (5 x up to 256 tokens an eval)
+        cmd += ["eval.samples=5", "eval.max_new_tokens=256"]
     wall, rc, lines = timed(cmd, env, logs / f"adapter-{name}.log", limit)
     res = {"case": name, "process_to_exit_s": round(wall, 1), "rc": rc}
     found = [s for _, s in lines if s.startswith("TRAINER_RESULT ")]
@@ -174,6 +177,7 @@ def trainer_case(name: str, model: Path, work: Path, logs: Path, limit: float) -
         res.update(losses=r["losses"], start=r["start"], compile=r["compile"].get("phase_s"))
     else:
         res["tail"] = [s for _, s in lines[-15:]]
+    res["line_times"] = [(t, s[:90]) for t, s in lines if s.startswith(("data:", "model:", "eval ["))]
     return res
 
 
@@ -224,7 +228,7 @@ def main() -> None:
     for case in a.cases.split(","):
         if case in ("cold", "warm"):
             res = chattune_case(case, model, data, work, logs, a.limit)
-        elif case in ("fused", "unfused"):
+        elif case in ("fused", "unfused", "samples"):
             res = trainer_case(case, model, work, logs, a.limit)
         elif case == "tutorial":
             res = tutorial_case(logs, a.limit)
