@@ -37,6 +37,27 @@ def test_missing_local_path_is_not_sent_to_a_hub(tmp_path):
         resolve_model_dir("builtin:nope")
 
 
+def test_adapter_folder_or_empty_folder_as_model_is_refused(tmp_path):
+    # An adapter folder loads through transformers with its LoRA attached, then training put a fresh LoRA
+    # in its place: the adapter given was silently dropped. Refused naming the base model instead.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/base"}')
+    with pytest.raises(
+        ModelError, match=r"is a LoRA adapter folder, not a model.*\(/models/base\).*chattune merge"
+    ):
+        resolve_model_dir(str(adapter))
+    (adapter / "inference.json").write_text('{"base_model": "builtin:tiny-qwen2"}')  # the id trained from
+    with pytest.raises(ModelError, match=r"base model \(builtin:tiny-qwen2\)"):
+        resolve_model_dir(str(adapter))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="holds no model \\(no config.json\\)"):
+        resolve_model_dir(str(empty))
+    (empty / "tokenizer_config.json").write_text("{}")  # a tokenizer alone still resolves (data checks)
+    assert resolve_model_dir(str(empty)) == empty.resolve()
+
+
 def test_lora_starts_as_identity_and_trains_only_lora(tiny_model_dir, qwen_tokenizer):
     import torch
 

@@ -11,6 +11,7 @@ snapshot before loading, so an adapter's `base_model_name_or_path` always points
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -63,10 +64,46 @@ def resolve_model_dir(name_or_path: str, source: str = "auto", revision: str | N
         # A local path is never sent to a hub, even when it does not exist.
         if not path.is_dir():
             raise ModelError(f"model directory '{name_or_path}' does not exist; check model.name_or_path")
+        _check_model_dir(path, name_or_path)
         return path.resolve()
     if source == "modelscope":
         return _from_modelscope(name_or_path, revision)
     return _from_huggingface(name_or_path, revision)
+
+
+def _check_model_dir(path: Path, name: str) -> None:
+    """A local directory that holds a model, or at least its tokenizer: raises ModelError otherwise.
+
+    An adapter folder is refused by name: transformers would load it with its LoRA attached and training
+    would then put a fresh LoRA in its place, so the adapter given would be silently left out.
+    """
+    if (path / "config.json").is_file():
+        return
+    if (path / "adapter_config.json").is_file():
+        base = _base_model_named(path)
+        on = f" ({base})" if base else ""
+        raise ModelError(
+            f"'{name}' is a LoRA adapter folder, not a model; set model.name_or_path to its base model{on}, "
+            f"or merge it first (`chattune merge {name} --output DIR`) and set model.name_or_path to DIR"
+        )
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelError(
+            f"model directory '{name}' holds no model (no config.json) and no tokenizer; set "
+            "model.name_or_path to the folder that holds config.json and the weights"
+        )
+
+
+def _base_model_named(adapter_dir: Path) -> str:
+    """The base model an adapter folder names: chattune's inference.json (the id trained from), else
+    peft's adapter_config.json; "" when neither says."""
+    for name, key in (("inference.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            base = json.loads((adapter_dir / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, str) and base:
+            return base
+    return ""
 
 
 def _from_huggingface(repo_id: str, revision: str | None) -> Path:
