@@ -198,3 +198,14 @@ def test_eval_loss_is_the_per_token_mean_whatever_the_batching(tiny_model_dir) -
             total / count, rel=1e-5
         )
     assert model.training
+
+
+def test_missing_samples_file_names_eval_samples_path(tmp_path):
+    # The reader's own hint named data.train_path / data.eval_path, which a user had not got wrong.
+    from chattune.evaluate import read_samples
+
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found; check eval\.samples_path$"):
+        read_samples(tmp_path / "nope.jsonl", 2)
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    assert [s.prompt for s in read_samples(tmp_path / "s.jsonl", 2)] == ["q0", "q1"]

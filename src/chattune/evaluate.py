@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chattune.data import Conversation, read_conversations
+from chattune.data.sources import FILE_SUFFIXES
 from chattune.errors import ChattuneError, DataError
 from chattune.files import check_output_path, file_sha256, publish
 
@@ -37,6 +38,13 @@ def build_samples(conversations: list[Conversation], n: int) -> list[Sample]:
 
 
 def read_samples(path: str | Path, n: int, **read_kw) -> list[Sample]:
+    """The first `n` records of `eval.samples_path` as sample prompts. Raises DataError naming the file
+    (and eval.samples_path when it is missing: the reader's own hint names the training data's keys)."""
+    spec = str(path)
+    local = Path(spec).expanduser()
+    if not spec.startswith(("hf:", "ms:", "modelscope:")) and local.suffix.lower() in FILE_SUFFIXES:
+        if not local.is_file():
+            raise DataError(spec, None, "file not found; check eval.samples_path")
     convs, _ = read_conversations(path, max_samples=n, **read_kw)
     return build_samples(convs, n)
 
