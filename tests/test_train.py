@@ -229,3 +229,25 @@ def test_identity_sample_prompts_and_silence_when_evaluation_is_off(tiny_model_d
     tree["eval"] = {"samples": 0, "loss": False}
     run(config_from_dict(tree))
     assert "eval [" not in capsys.readouterr().err
+
+
+def test_existing_output_dir_message_offers_resume_only_when_it_can(tmp_path):
+    # A finished run without checkpoints was told "pass --resume", which --resume then refused.
+    from chattune.errors import ChattuneError
+    from chattune.train import _check_output_dir
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    with pytest.raises(ChattuneError, match="delete it \\(it holds a finished run with no checkpoint") as e:
+        _check_output_dir(finished, resume=False)
+    assert "--resume" not in str(e.value)
+    (finished / "checkpoints" / "step-0000004").mkdir(parents=True)
+    with pytest.raises(ChattuneError, match="pass --resume to continue its last checkpoint"):
+        _check_output_dir(finished, resume=False)
+    killed = tmp_path / "killed"  # killed before its first checkpoint
+    killed.mkdir()
+    (killed / "config.yaml").write_text("")
+    with pytest.raises(ChattuneError, match="pass --resume to train it again from the beginning"):
+        _check_output_dir(killed, resume=False)
+    _check_output_dir(killed, resume=True)

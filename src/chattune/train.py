@@ -55,13 +55,15 @@ def _check_output_dir(path: Path, resume: bool) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError("train.output_dir", f"'{path}' is a file; name a directory")
     if path.exists() and any(path.iterdir()) and not resume:
-        if any((path / "checkpoints").glob("step-*")) or (path / "summary.json").exists():
-            what = "pass --resume to continue its last checkpoint"
+        if any((path / "checkpoints").glob("step-*")):
+            what = ", or pass --resume to continue its last checkpoint"
+        elif (path / "summary.json").exists():  # finished without checkpoints: --resume would refuse it
+            what = " (it holds a finished run with no checkpoint to resume)"
         else:  # killed before its first checkpoint
-            what = "pass --resume to train it again from the beginning in place"
+            what = ", or pass --resume to train it again from the beginning in place"
         raise ChattuneError(
             f"output directory '{path}' already exists and is not empty; set train.output_dir to a new "
-            f"directory, delete it, or {what}"
+            f"directory or delete it{what}"
         )
 
 
