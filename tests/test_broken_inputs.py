@@ -257,7 +257,7 @@ def test_broken_data_file(tmp_path, capsys, name, content, line, reason):
 SOURCES = [
     ("missing", "file not found"),
     ("notes.txt", "unsupported file type"),
-    ("empty.jsonl", "no usable records"),
+    ("empty.jsonl", "no usable records: the source is empty"),
     ("a-directory", "not a dataset"),
     ("every-row-dropped", "no example left to train on"),
 ]

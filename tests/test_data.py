@@ -319,3 +319,12 @@ def test_eval_command_fills_identity_placeholders(tmp_path):
         held, converter="identity", placeholders={"name": "Juniper", "author": "Acme"}
     )
     assert sample.reference == "Juniper (Acme)"
+
+
+def test_a_source_whose_every_row_is_skipped_says_why_each_was(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"instruction": "q"}\n{"instruction": "q2"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_conversations(p, on_bad_row="skip")
+    msg = str(e.value)
+    assert "no usable records: all 2 rows were skipped" in msg and "data.format" in msg

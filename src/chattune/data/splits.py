@@ -96,9 +96,14 @@ def read_conversations(
         }
     )
     if not convs:
-        raise DataError(
-            source.spec, None, f"no usable records (read {report.rows}, skipped {dict(report.skipped)})"
-        )
+        if report.rows == 0:
+            what = "the source is empty: check the path, or that the file was written completely"
+        else:  # every row was skipped (data.on_bad_row: skip), each for the reason counted here
+            what = (
+                f"all {report.rows} rows were skipped: {dict(report.skipped)}; fix those rows, or check "
+                "data.format / data.converter match the file's fields"
+            )
+        raise DataError(source.spec, None, f"no usable records: {what}")
     return convs, report
 
 
