@@ -308,3 +308,15 @@ def test_unsupported_launches_fail_before_any_collective(
     with pytest.raises(ConfigError, match=match):
         run(config_from_dict(tree))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_without_decoder_layers_names_the_setting_that_needs_them():
+    import torch
+
+    from chattune.engines import decoder_layers
+    from chattune.errors import ChattuneError
+
+    with pytest.raises(ChattuneError, match=r"^train.distributed: cannot find .*set train.distributed: ddp$"):
+        decoder_layers(torch.nn.Linear(2, 2), "train.distributed: ddp")
+    with pytest.raises(ChattuneError, match=r"^train.compile: .*set train.compile: off$"):
+        decoder_layers(torch.nn.Linear(2, 2))

@@ -179,7 +179,13 @@ class Shards:
         if reshard is None:  # auto
             reshard = not keep_gathered_fits(model.get_base_model(), device)
         self.model, self.loss_fn, self.keep_gathered = model, loss_fn, not reshard
-        self.root = shard_model(model.get_base_model(), decoder_layers(model), device, world.size, reshard)
+        self.root = shard_model(
+            model.get_base_model(),
+            decoder_layers(model, "train.distributed: ddp"),
+            device,
+            world.size,
+            reshard,
+        )
 
     def loss(self, batch: dict):
         return self.loss_fn(self.model, batch)
@@ -259,13 +265,13 @@ def shard_model(hf_model, layers: list, device: str, size: int, reshard_after_fo
     return backbone
 
 
-def decoder_layers(model) -> list:
+def decoder_layers(model, needed_by: str = "train.compile: off") -> list:
     """The repeated transformer blocks (`model.model.layers` in Qwen2, Llama and ERNIE-4.5 models): the
-    units FSDP shards and the compiler compiles. Raises ChattuneError when the model has none there."""
+    units FSDP shards and the compiler compiles. Raises ChattuneError when the model has none there,
+    naming `needed_by`, the setting that does without them."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(hf, "model", None), "layers", None)
     if layers is None:
-        raise ChattuneError(
-            f"train.compile: cannot find the decoder layers of {type(hf).__name__}; set train.compile: off"
-        )
+        key = needed_by.split(":")[0]
+        raise ChattuneError(f"{key}: cannot find the decoder layers of {type(hf).__name__}; set {needed_by}")
     return list(layers)
