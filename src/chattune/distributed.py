@@ -38,6 +38,12 @@ class World:
         return self.rank == 0
 
 
+def say_once(msg: str) -> None:
+    """Print `msg` to stderr from rank 0 only: one voice for a run of several processes."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(msg, file=sys.stderr, flush=True)
+
+
 def read_world(env: Mapping[str, str] = os.environ) -> World:
     """This process's place, from the launcher's environment variables (one process when they are unset)."""
     values = {}

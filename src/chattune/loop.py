@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import TYPE_CHECKING
 from chattune.checkpoints import Progress
 from chattune.compiling import eager, mark_doc_count_dynamic
 from chattune.config import EvalConfig, TrainConfig
-from chattune.distributed import World, share_window
+from chattune.distributed import World, say_once, share_window
 from chattune.engines import Engine
 from chattune.errors import ChattuneError
 from chattune.evaluate import eval_loss, predict_samples, score_predictions
@@ -29,11 +27,6 @@ from chattune.track import Tracker
 
 if TYPE_CHECKING:
     from chattune.train import Opened, Plan
-
-
-def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") in ("", "0"):  # one voice for a run of several processes
-        print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -205,11 +198,11 @@ class Evaluation:
             self.tracker.log_predictions([{**r, "epoch": epoch} for r in preds], step=step, tag=tag)
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, self.metric_names).items()})
             for r in preds[:2]:
-                _say(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
+                say_once(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
         self.tracker.log(row, step=step)
         self.history.append({"step": step, **row})
         shown = {k: round(v, 4) for k, v in row.items() if k.startswith("eval/")}
-        _say(f"eval [{tag}] step {step}: {shown}")
+        say_once(f"eval [{tag}] step {step}: {shown}")
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chattune.checkpoints import AdapterFacts, Checkpointer, Resumed, tidy_run_dir, write_adapter
 from chattune.config import Config, config_to_dict, dump_config
-from chattune.distributed import World
+from chattune.distributed import World, say_once
 from chattune.engines import Engine
 from chattune.files import file_sha256
 from chattune.loop import Optim, Trained, progress_so_far
@@ -26,11 +25,6 @@ from chattune.track import Tracker, build_tracker
 
 if TYPE_CHECKING:
     from chattune.train import Built, Plan, Rendered
-
-
-def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") in ("", "0"):  # one voice for a run of several processes
-        print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,7 @@ def open_run_dir(
     )
     done = ckpt.restore(plan.resume_point, cfg, plan.total_steps)  # on every rank
     if done.folder is not None:
-        _say(f"resuming from {done.folder} (step {done.step})")
+        say_once(f"resuming from {done.folder} (step {done.step})")
     data_info: dict = {}
     tracker: Tracker = _SilentTracker()  # ranks other than 0 write nothing
     if world.is_main:
@@ -149,8 +143,10 @@ def save(
 
         write_report(out_dir)
     except Exception as e:  # a report problem must not lose a finished run
-        _say(f"warning: could not write the run report: {e}")
-    _say(f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); {saved.name}: {saved}")
+        say_once(f"warning: could not write the run report: {e}")
+    say_once(
+        f"done in {summary['wall_s']:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); {saved.name}: {saved}"
+    )
 
 
 class _SilentTracker:

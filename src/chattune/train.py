@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,14 @@ from chattune.compiling import compile_layers, doc_bound, use_compile_cache
 from chattune.config import Config
 from chattune.data import read_splits
 from chattune.datacheck import preflight, require_examples
-from chattune.distributed import World, check_launch, end_process_group, init_process_group, read_world
+from chattune.distributed import (
+    World,
+    check_launch,
+    end_process_group,
+    init_process_group,
+    read_world,
+    say_once,
+)
 from chattune.engines import Engine, build_engine, decoder_layers, engine_for
 from chattune.errors import ChattuneError, ConfigError
 from chattune.evaluate import build_samples, read_samples
@@ -44,11 +50,6 @@ from chattune.models import add_lora, load_model, load_tokenizer, pick_device, p
 from chattune.rundir import Opened, open_run_dir, save
 from chattune.templates import end_of_turn_token, render_all
 from chattune.throughput import matmul_params
-
-
-def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") in ("", "0"):  # one voice for a run of several processes
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _check_output_dir(path: Path, resume: bool) -> None:
@@ -92,7 +93,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     # Everything the user gave has been checked by now: only from here on is anything written.
     opened = open_run_dir(cfg, data, built, optim, engine, plan, world, device, resume)
     evaluate = build_evaluation(cfg, data, built, engine, opened, world, device)
-    _say(describe(cfg, built, plan, world, device))
+    say_once(describe(cfg, built, plan, world, device))
     if opened.done.step == 0:
         evaluate(0, 0.0, "baseline")
 
@@ -171,7 +172,7 @@ def read_and_render(cfg: Config, world: World) -> Rendered:
     # Pre-flight: refuse to train on ids that differ from the template's or an untrained end of turn.
     for warning in preflight(tokenizer, train_convs, model_dir=model_dir, train_on=dc.train_on):
         if world.is_main:
-            _say(f"warning: {warning}")
+            say_once(f"warning: {warning}")
     render_kw = dict(
         max_len=dc.max_len,
         truncation=dc.truncation,
@@ -196,7 +197,7 @@ def read_and_render(cfg: Config, world: World) -> Rendered:
     else:
         samples = build_samples(eval_convs, cfg.eval.samples)
     skipped, dropped = read_report.skipped, train_report.dropped
-    _say(
+    say_once(
         f"data: {read_report.rows} rows read from {dc.train_path}, {sum(skipped.values())} skipped"
         f"{f' {dict(skipped)}' if skipped else ''}; {len(train_ex)} train / {len(eval_ex)} eval examples; "
         f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
@@ -351,7 +352,7 @@ def build_model(cfg: Config, model_dir: Path, device: str, world: World, sharded
         from chattune.offload import offload_input_embeddings
 
         if not offload_input_embeddings(model, device):
-            _say(
+            say_once(
                 "note: train.offload: the embedding table is tied to the output head or trained, so it "
                 "stays on the GPU"
             )
@@ -390,7 +391,7 @@ def build_optim(cfg: Config, built: Built, total_steps: int, device: str, world:
 
     tc = cfg.train
     if tc.grad_accum_steps % world.size:
-        _say(
+        say_once(
             f"note: train.grad_accum_steps ({tc.grad_accum_steps}) is not a multiple of the {world.size} "
             "processes, so some of them idle for part of every step; a multiple keeps all of them busy"
         )
