@@ -10,6 +10,9 @@ Cases, each its own process, run in the order given (`--cases`):
              Only the model, the data and the output move: `model.name_or_path=<random 7B dir>`,
              `data.train_path=<x4995 file>`, `track.backend=none` (SwanLab is not installed there).
   warm       the same command again: the compile cache and rendered data that `cold` left.
+  nosamples  `warm` with `eval.samples=0` (eval loss only): what the sample answers cost in the whole run
+  decode     `decode_run.py`: the 5 sample answers (256 tokens) by `generate` and by the CUDA-graph
+             decoder, LoRA merged into a copy or not
   unfused    `trainer_run.py` (1,000 records, 1 epoch, 2 packs a step), LoRA A fusion off (item 2 A/B)
   fused      the same with it on (the default)
   samples    `fused` with 5 sample answers of up to 256 tokens before and after training (their cost)
@@ -92,6 +95,7 @@ def timed(cmd: list[str], env: dict, log: Path, limit: float) -> tuple[float, in
 
 
 def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, limit: float) -> dict:
+    extra = ["eval.samples=0"] if name == "nosamples" else []
     out = work / f"run-{name}"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "CHATTUNE_CACHE": str(work / "cache"), "PYTHONPATH": _pythonpath()}
@@ -102,7 +106,7 @@ def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, li
     cmd = [
         sys.executable, "-m", "chattune.cli", "train", str(CONFIG),
         f"model.name_or_path={model}", "model.source=local", f"data.train_path={data}",
-        f"train.output_dir={out}", "track.backend=none", "train.progress=false",
+        f"train.output_dir={out}", "track.backend=none", "train.progress=false", *extra,
     ]  # fmt: skip
     wall, rc, lines = timed(cmd, env, logs / f"adapter-{name}.log", limit)
     res: dict = {
@@ -226,7 +230,7 @@ def main() -> None:
     path = logs / "adapter-results.json"
     results = json.loads(path.read_text()) if path.is_file() else []
     for case in a.cases.split(","):
-        if case in ("cold", "warm"):
+        if case in ("cold", "warm", "nosamples"):
             res = chattune_case(case, model, data, work, logs, a.limit)
         elif case in ("fused", "unfused", "samples"):
             res = trainer_case(case, model, work, logs, a.limit)
@@ -236,6 +240,14 @@ def main() -> None:
                 done = [r for r in results if r.get("train_tokens")]
                 tokens = done[-1]["train_tokens"] if done else 2_661_134
                 res["whole_run_estimate_s"] = round(tokens / res["tokens_per_s"])
+        elif case == "decode":
+            cmd = [sys.executable, str(HERE / "decode_run.py"), "--model", str(model)]
+            wall, rc, lines = timed(cmd, dict(os.environ), logs / "adapter-decode.log", a.limit)
+            found = [s for _, s in lines if s.startswith("DECODE_RESULT ")]
+            res = {"case": "decode", "process_to_exit_s": round(wall, 1), "rc": rc}
+            res.update(
+                json.loads(found[-1].split(" ", 1)[1]) if found else {"tail": [s for _, s in lines[-25:]]}
+            )
         elif case == "trl":
             res = trl_case(model, data, work, logs, a.limit)
         else:
@@ -243,7 +255,11 @@ def main() -> None:
         res["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         results.append(res)
         path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-        brief = {k: v for k, v in res.items() if not isinstance(v, (list, dict)) or k in ("seconds", "start")}
+        brief = {
+            k: v
+            for k, v in res.items()
+            if not isinstance(v, (list, dict)) or k in ("seconds", "start", "cases")
+        }
         print("CASE " + json.dumps(brief, ensure_ascii=False), flush=True)
 
 

@@ -234,3 +234,66 @@ def test_refuses_to_overwrite(merged_case, tiny_model_dir, tmp_path):
     empty.mkdir()  # an existing empty directory is fine
     assert (merge_adapter(adapter, empty, dtype="bf16") / "config.json").is_file()
     assert json.loads((empty / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ---- lora_merged_copy: decoding on merged copies during training -------------------------------------------
+def _lora_model(base_dir: Path, **lora_kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # init_lora_weights=False: B is random too, so the update is not zero and merging changes the weights
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False, **lora_kw)
+    return get_peft_model(base, config).eval()
+
+
+def test_merged_copy_computes_the_adapter_and_leaves_its_weights_untouched(untied_model_dir, qwen_tokenizer):
+    from chattune.merge import lora_merged_copy
+
+    model = _lora_model(untied_model_dir)
+    inputs = _inputs(qwen_tokenizer)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        with lora_merged_copy(model) as nbytes:
+            merged = model(**inputs).logits
+            inside = dict(model.named_modules())
+        after = model(**inputs).logits
+    targets = [n for n, m in modules.items() if type(m).__name__ == "Linear" and hasattr(m, "lora_A")]
+    assert nbytes == sum(modules[n].base_layer.weight.numel() * 4 for n in targets) > 0
+    assert all(type(inside[n]) is torch.nn.Linear for n in targets)  # peft's wrapper is gone inside
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(unmerged, model(**inputs).logits, atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, unmerged)
+    assert dict(model.named_modules()) == modules  # the same module objects, back in place
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
+def test_merged_copy_greedy_answers_equal_the_adapter(untied_model_dir, qwen_tokenizer):
+    from chattune.merge import lora_merged_copy
+
+    model = _lora_model(untied_model_dir)
+    inputs = _inputs(qwen_tokenizer)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=qwen_tokenizer.pad_token_id)
+    unmerged = model.generate(**inputs, **kw)
+    with lora_merged_copy(model) as nbytes:
+        merged = model.generate(**inputs, **kw)
+    assert nbytes > 0 and torch.equal(merged, unmerged)
+
+
+def test_merged_copy_declines_what_a_plain_copy_cannot_hold(untied_model_dir, qwen_tokenizer):
+    """DoRA (a magnitude vector besides W) is decoded as it is: nothing swapped, 0 bytes."""
+    from chattune.merge import lora_merged_copy
+
+    model = _lora_model(untied_model_dir, use_dora=True)
+    modules = dict(model.named_modules())
+    with lora_merged_copy(model) as nbytes:
+        assert nbytes == 0 and dict(model.named_modules()) == modules
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(untied_model_dir)  # no LoRA layer at all (a full fine-tune)
+    with lora_merged_copy(plain) as nbytes:
+        assert nbytes == 0

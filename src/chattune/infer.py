@@ -187,13 +187,30 @@ def generate_completions(
     n: int = 1,
     seed: int | None = None,
     cancelled: list[threading.Event] | None = None,
+    cuda_graph: bool = False,
 ) -> list[Completion]:
     """One batched `generate` call; `n` completions per conversation, conversation-major.
 
-    `cancelled`: one event per conversation; once set, that conversation's rows stop at the next token."""
+    `cancelled`: one event per conversation; once set, that conversation's rows stop at the next token.
+    `cuda_graph`: greedy answers on a GPU are decoded by `decoding.greedy_decode` (a static cache, one
+    CUDA graph replay per token) when the model supports it; `generate` otherwise, or if capture fails."""
     _check(max_new_tokens, temperature, top_p, n)
     enc, device = _prepare(loaded, [build_prompt(loaded, c) for c in conversations])
     prompt_len = enc["input_ids"].shape[1]
+    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+    if (
+        cuda_graph
+        and device.type == "cuda"
+        and temperature == 0
+        and n == 1
+        and not stop
+        and cancelled is None
+    ):
+        new = _decode_with_graph(loaded, enc, max_new_tokens)
+        if new is not None:
+            return [
+                _completion(loaded, ids, prompt_tokens[i], max_new_tokens, None) for i, ids in enumerate(new)
+            ]
     criteria = StoppingCriteriaList([_StopOnText(loaded.tokenizer, stop, prompt_len)] if stop else [])
     if cancelled is not None:
         criteria.append(_CancelledRows(cancelled, n if temperature > 0 else 1))
@@ -203,10 +220,36 @@ def generate_completions(
     new = out[:, prompt_len:].tolist()
     if temperature == 0 and n > 1:  # greedy answers are identical: generate once, repeat
         new = [row for row in new for _ in range(n)]
-    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
     return [
         _completion(loaded, ids, prompt_tokens[i // n], max_new_tokens, stop) for i, ids in enumerate(new)
     ]
+
+
+def _decode_with_graph(loaded: Loaded, enc: dict, max_new_tokens: int) -> list[list[int]] | None:
+    """`decoding.greedy_decode`'s new ids, or None (then `generate` decodes): a model it does not support,
+    or a forward that cannot be captured, which is said once and not tried again for this model."""
+    from chattune.decoding import can_decode_static, greedy_decode
+
+    model = loaded.model
+    if getattr(model, "_chattune_no_graph", False) or not can_decode_static(model):
+        return None
+    tokenizer = loaded.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.stop_token_ids[0]
+    try:
+        ids = greedy_decode(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            stop_ids=loaded.stop_token_ids,
+            pad_id=pad,
+        )
+    except RuntimeError as e:
+        model._chattune_no_graph = True
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"note: sample answers are decoded without CUDA graphs ({first[:200]})", file=sys.stderr)
+        return None
+    return ids.tolist()
 
 
 def generate(
@@ -219,9 +262,12 @@ def generate(
     stop: list[str] | None = None,
     n: int = 1,
     seed: int | None = None,
+    cuda_graph: bool = False,
 ) -> list[str]:
-    """Answer each conversation (greedy when temperature == 0); `n` answers each, conversation-major."""
+    """Answer each conversation (greedy when temperature == 0); `n` answers each, conversation-major.
+    `cuda_graph`: see `generate_completions`."""
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, n=n, seed=seed)
+    kw["cuda_graph"] = cuda_graph
     return [c.text for c in generate_completions(loaded, conversations, **kw)]
 
 

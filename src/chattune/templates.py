@@ -385,7 +385,7 @@ def render(
 
 
 # -- whole datasets: cached, in parallel when large -----------------------------------------------------
-PARALLEL_MIN = 20_000  # conversations; below this, starting worker processes costs more than it saves
+PARALLEL_MIN = 2_000  # conversations; below this, starting worker processes costs more than it saves
 _worker_state: dict = {}
 
 

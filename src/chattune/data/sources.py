@@ -77,12 +77,13 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     dec = json.JSONDecoder()
     i = len(text) - len(text.lstrip())
     i += 1  # the opening '['
+    line, counted = 1, 0  # newlines are counted from where the last count stopped: linear in the file
     while True:
         while i < len(text) and text[i] in " \t\r\n":
             i += 1
         if i < len(text) and text[i] == "]":
             return
-        line = text.count("\n", 0, i) + 1
+        line, counted = line + text.count("\n", counted, i), i
         try:
             obj, i = dec.raw_decode(text, i)
         except RecursionError:

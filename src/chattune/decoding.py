@@ -1,0 +1,138 @@
+"""Greedy decoding on a static KV cache, each step replayed as one CUDA graph (training-time samples).
+
+The sample answers a training run prints before training and after every epoch are greedy. Decoded by
+`generate` in eager mode, a token of a 7B model costs one Python call per module, thousands of kernel
+launches whose host time dwarfs the GPU's (about 117 ms a token on an H200 host, bench/RESULTS.md, issue
+14). Here the prompt is run once (prefill) into a `transformers.StaticCache`, then one decoding step (all
+layers and the LM head, for every row) is captured as a CUDA graph and replayed for each new token:
+one launch per token. Torch's recipe for this is "CUDA Graphs" in the CUDA semantics notes
+(https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs): static input tensors updated in place,
+warm-up on a side stream, capture, replay.
+
+What makes a step capturable: every input has one shape and address (the cache is allocated for
+prompt + `max_new_tokens`), nothing in the forward reads a value back to the host (the cache position
+and the positions are passed in, and the attention mask is a ready 4-D mask, which transformers uses
+as given), and the attention is SDPA. The tokens are the ones `generate` picks (same prompt, positions
+and masking; `tests/test_decoding.py` checks the ids are equal), up to the rounding of a
+different kernel order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHECK_EVERY = 16  # steps between host reads of "has every row stopped" (each read waits for the GPU)
+
+
+def can_decode_static(model) -> bool:
+    """Whether `greedy_decode` supports `model`: SDPA attention (or chattune's packed attention, which
+    is SDPA outside packed batches) and a cache transformers can make static."""
+    from chattune.attention import VARLEN
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", VARLEN):
+        return False
+    text = config.get_text_config(decoder=True)
+    return all(t == "full_attention" for t in getattr(text, "layer_types", None) or ["full_attention"])
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def greedy_decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    cuda_graph: bool = True,
+) -> torch.Tensor:
+    """New token ids (B, n <= max_new_tokens) after left-padded prompts `input_ids` (B, P) with
+    `attention_mask` (B, P; 0 on padding), as `generate(do_sample=False)` returns them after the prompt:
+    a row that produced a stop id then holds `pad_id`, and decoding ends when every row has stopped.
+
+    `cuda_graph`: capture one decoding step and replay it (CUDA only); False steps eagerly through the
+    same static cache (the reference the graph is tested against). Raises RuntimeError from torch when
+    the model's forward cannot be captured (a host read inside it): the caller falls back to `generate`.
+    """
+    from transformers import StaticCache
+
+    cache_arg = _cache_argument(model)
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    total = prompt_len + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=total)
+    # Positions as `generate` gives them to left-padded rows: 0 at each row's first real token.
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(sorted(set(stop_ids)), device=device)
+    with torch.inference_mode():
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache_position=torch.arange(prompt_len, device=device),
+            use_cache=True,
+            **{cache_arg: cache},
+            logits_to_keep=1,
+        ).logits[:, -1]
+        token = logits.argmax(-1)
+        finished = torch.isin(token, stops)
+        out = [token]
+        if max_new_tokens == 1:
+            return torch.stack(out, dim=1)
+
+        # The static inputs of one step; each step writes them in place.
+        step_ids = token[:, None].clone()
+        step_pos = positions[:, -1:] + 1
+        step_cache_pos = torch.tensor([prompt_len], device=device)
+        seen = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        seen[:, :prompt_len] = attention_mask.bool()
+        seen[:, prompt_len] = True
+        step_mask = seen[:, None, None, :]  # (B, 1, 1, total): a ready mask, used as given
+
+        def step() -> torch.Tensor:
+            return model(
+                input_ids=step_ids,
+                attention_mask=step_mask,
+                position_ids=step_pos,
+                cache_position=step_cache_pos,
+                use_cache=True,
+                **{cache_arg: cache},
+            ).logits[:, -1]
+
+        graph = None
+        if cuda_graph:
+            # Warm-up and capture run the first step itself (it writes the same keys and values again).
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step_logits = step()
+        for t in range(1, max_new_tokens):
+            if graph is not None:
+                graph.replay()
+                logits = step_logits
+            else:
+                logits = step()
+            token = torch.where(finished, pad_id, logits.argmax(-1))
+            finished |= torch.isin(token, stops)
+            out.append(token)
+            if t == max_new_tokens - 1 or (t % _CHECK_EVERY == 0 and bool(finished.all())):
+                break
+            step_ids.copy_(token[:, None])
+            step_pos += 1
+            step_cache_pos += 1
+            seen[:, prompt_len + t] = True
+        del graph
+    return torch.stack(out, dim=1)
