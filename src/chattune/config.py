@@ -277,11 +277,6 @@ class EvalConfig:
     """Bound on each sample answer (greedy decoding)."""
     batch_size: int = 8
     """Rows per batch for eval loss and for generating the samples."""
-    merge_for_samples: bool = True
-    """Decode the sample answers with each LoRA update merged into a temporary copy of its weight
-    (`merge.lora_merged_copy`): one plain matmul per linear instead of peft's three, for the minute or so
-    of decoding. Used only when the copies fit in free memory (never in memory mode); the trained
-    weights are not touched. Answers equal the unmerged adapter's up to rounding."""
     loss: bool = True
     """Compute the eval loss on the eval split at each evaluation."""
     max_eval_examples: int | None = 200

@@ -9,7 +9,6 @@ compared on identical prompts, decoding and metrics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -107,18 +106,14 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     return total / max(count, 1)
 
 
-def predict_samples(
-    loaded, samples: list[Sample], *, max_new_tokens: int, batch_size: int, merge: bool = False
-) -> list[dict]:
+def predict_samples(loaded, samples: list[Sample], *, max_new_tokens: int, batch_size: int) -> list[dict]:
     """Answer every sample greedily, in batches; rows of {prompt, prediction, reference} in sample order.
 
     Batches group prompts of similar length (less left padding to compute); `infer.generate` sets the
-    attention mask and pad id, and stops each row at the end-of-turn token or `max_new_tokens`.
-    `merge`: decode with the LoRA updates merged into temporary copies of the weights when they fit
-    (`merge.lora_merged_copy`); the model's own weights are left as they were.
+    attention mask and pad id, and stops each row at the end-of-turn token or `max_new_tokens`. On a
+    GPU, rows are decoded by replaying one CUDA graph per token (`decoding.greedy_decode`).
     """
     from chattune.infer import generate
-    from chattune.merge import lora_merged_copy
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
@@ -128,12 +123,11 @@ def predict_samples(
     was_training = model.training
     model.eval()
     try:
-        with lora_merged_copy(model) if merge else contextlib.nullcontext():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                msgs = [samples[i].messages for i in chunk]
-                outs = generate(loaded, msgs, max_new_tokens=max_new_tokens, temperature=0.0, cuda_graph=True)
-                answers.update(zip(chunk, outs, strict=True))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            msgs = [samples[i].messages for i in chunk]
+            outs = generate(loaded, msgs, max_new_tokens=max_new_tokens, temperature=0.0, cuda_graph=True)
+            answers.update(zip(chunk, outs, strict=True))
     finally:
         model.train(was_training)
     return [

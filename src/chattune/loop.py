@@ -166,7 +166,6 @@ class Evaluation:
     takes_part: bool  # rank 0, or every rank of sharded weights
     device: str
     compiled: bool
-    offload: bool  # memory mode: its budget leaves no room for merged copies of the weights
 
     def __call__(self, step: int, epoch: float, tag: str) -> None:
         import torch
@@ -195,7 +194,6 @@ class Evaluation:
                 self.samples,
                 max_new_tokens=self.cfg.max_new_tokens,
                 batch_size=self.cfg.batch_size,
-                merge=self.cfg.merge_for_samples and not self.offload,
             )
             self.tracker.log_predictions([{**r, "epoch": epoch} for r in preds], step=step, tag=tag)
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, self.metric_names).items()})

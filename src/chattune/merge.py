@@ -7,14 +7,12 @@ Written into a temporary directory and renamed, so a failed merge leaves nothing
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from chattune.errors import ChattuneError, ModelError
@@ -159,98 +157,3 @@ def merge_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-# ---- merged weights for decoding during training ----------------------------------------------------------
-# Sample answers during training decode token by token, where every LoRA linear costs peft's Python
-# wrapper and two skinny matmuls on top of the base matmul (the CPU demo's decoding ran at twice the
-# plain model's cost per token; the 7B on an H200, ~117 ms per token). For the few hundred tokens of an
-# evaluation, each LoRA linear is swapped for a plain linear holding W + scale * B @ A, computed into a
-# new tensor: the base weights are never written, so training resumes on exactly the weights it left.
-
-
-def _merge_targets(model) -> list[tuple] | None:
-    """(parent, attribute, peft LoRA linear) of every LoRA layer, or None when one cannot be merged into a
-    plain copy: an embedding or quantized base, DoRA or another variant, a LoRA bias, several active
-    adapters, a merged or disabled adapter, or a sharded (DTensor) weight."""
-    import torch
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    found = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if not isinstance(child, BaseTunerLayer):
-                continue
-            if type(child) is not LoraLinear or type(child.base_layer) is not torch.nn.Linear:
-                return None
-            active = list(child.active_adapters)
-            if len(active) != 1 or active[0] not in child.lora_A or child.merged or child.disable_adapters:
-                return None
-            name_a = active[0]
-            if child.use_dora.get(name_a) or getattr(child, "lora_variant", {}).get(name_a):
-                return None
-            if getattr(child, "lora_bias", {}).get(name_a):
-                return None
-            if type(child.base_layer.weight.detach()) is not torch.Tensor:  # FSDP2 shards are DTensors
-                return None
-            found.append((parent, name, child))
-    return found
-
-
-def _room_for(nbytes: int, device) -> bool:
-    """Whether `nbytes` more fit on `device`, leaving 1 GiB for decoding (CUDA) or half the free RAM (CPU)."""
-    import torch
-
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return nbytes + (1 << 30) <= free
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="ascii") as f:
-                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            return False
-        return nbytes <= avail // 2
-    return False
-
-
-@contextlib.contextmanager
-def lora_merged_copy(model) -> Iterator[int]:
-    """Within the block, every LoRA linear of `model` is a plain `nn.Linear` holding a merged copy of its
-    weight, W' = W + B @ A * scale (peft's `get_delta_weight`, added in the weight's dtype as peft's own
-    merge adds it); on leaving, the LoRA layers are put back untouched. Yields the bytes of the copies,
-    or 0 when nothing was merged: the model has no LoRA layer, one cannot be merged into a plain copy
-    (`_merge_targets`), the weights are on several devices, or the copies do not fit in free memory.
-
-    For inference only (no gradient reaches the LoRA weights inside). Greedy answers equal the unmerged
-    adapter's up to rounding: W' is rounded to the weight's dtype once, where the adapter adds its
-    update to the output.
-    """
-    import torch
-
-    targets = _merge_targets(model)
-    devices = {child.base_layer.weight.device for _, _, child in targets or []}
-    nbytes = sum(
-        c.base_layer.weight.numel() * c.base_layer.weight.element_size() for _, _, c in targets or []
-    )
-    if not targets or len(devices) != 1 or not _room_for(nbytes, next(iter(devices))):
-        yield 0
-        return
-    swapped = []
-    try:
-        with torch.no_grad():
-            for parent, name, child in targets:
-                base = child.base_layer
-                weight = base.weight.detach().clone()
-                weight += child.get_delta_weight(child.active_adapters[0]).to(weight.device)
-                plain = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
-                plain.weight = torch.nn.Parameter(weight, requires_grad=False)
-                plain.bias = base.bias
-                setattr(parent, name, plain)
-                swapped.append((parent, name, child))
-        yield nbytes
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)

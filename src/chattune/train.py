@@ -435,7 +435,6 @@ def build_evaluation(
         takes_part=world.is_main or engine.sharded,
         device=device,
         compiled=built.use_compile,
-        offload=built.offload,
     )
 
 
