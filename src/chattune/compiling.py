@@ -65,6 +65,23 @@ def use_compile_cache() -> Path:
     return path
 
 
+def start_compile_workers() -> None:
+    """Start inductor's compile worker processes now, so they are up by the first compiled step.
+
+    Torch's own `inductor` backend starts them at the first compile ("the subprocess pool can be slow
+    to start, so warm it up as early as possible", torch/_dynamo/backends/inductor.py); our backend
+    (`_inductor_with_lora_fusion`) calls `compile_fx` directly, which starts them only when the first
+    kernel is submitted. Called when the model starts loading, their start overlaps the load and the
+    baseline evaluation. Call after `use_compile_cache`: the workers inherit its cache folder. Without
+    Triton (CPU builds) there are no workers and nothing happens.
+    """
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # a torch without inductor's process pool: compiling starts as before
+        return
+    maybe_warm_pool()
+
+
 def doc_bound(lengths: Sequence[int], pack_tokens: int) -> int:
     """The `max_doc_tokens` of a run's fixed-shape packs: its longest document, rounded up to 128."""
     longest = max(lengths)

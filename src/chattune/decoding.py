@@ -28,11 +28,18 @@ _EAGER_STEPS = 2  # decoding steps run eagerly before the capture (torch's warm-
 
 def can_decode_static(model) -> bool:
     """Whether `greedy_decode` supports `model`: SDPA attention (or chattune's packed attention, which
-    is SDPA outside packed batches) and a cache transformers can make static."""
+    is SDPA outside packed batches), a cache transformers can make static, and whole weights (FSDP's
+    sharded ones are gathered by hooks and collectives a replayed graph would not repeat)."""
     from chattune.attention import VARLEN
 
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", VARLEN):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no sharded weights either
+        DTensor = None
+    if DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters()):
         return False
     text = config.get_text_config(decoder=True)
     return all(t == "full_attention" for t in getattr(text, "layer_types", None) or ["full_attention"])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chattune.checkpoints import find_resume_point, fingerprint_examples
-from chattune.compiling import compile_layers, doc_bound, use_compile_cache
+from chattune.compiling import compile_layers, doc_bound, start_compile_workers, use_compile_cache
 from chattune.config import Config
 from chattune.data import read_splits
 from chattune.datacheck import preflight, require_examples
@@ -293,6 +293,17 @@ def build_model(cfg: Config, model_dir: Path, device: str, world: World, sharded
         attn = pick_attn_implementation(device, tc.packing)
     offload = tc.offload and device == "cuda"  # on the CPU everything is in host memory already
     quantized = cfg.model.quantization != "none"
+    # Regional compilation: one decoder layer's code, reused by every layer. `auto` only for packs:
+    # padded batches change width every step and would recompile again and again (an H100,
+    # Qwen2.5-0.5B, one padded epoch of huanhuan: 1.7k tokens/s over the run with compilation, against
+    # 2.3k for the tutorial's eager recipe).
+    # Quantized (bitsandbytes) layers are compiled only when asked for (`on`): not measured here yet.
+    use_compile = tc.compile == "on" or (
+        tc.compile == "auto" and device == "cuda" and tc.packing and not quantized
+    )
+    if use_compile:  # the compile workers start while the model loads
+        use_compile_cache()
+        start_compile_workers()
     if sharded:  # read in the device's dtype onto the host; FSDP then moves each rank's shard to the device
         dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
         model = load_model(
@@ -313,14 +324,6 @@ def build_model(cfg: Config, model_dir: Path, device: str, world: World, sharded
         tc.checkpointing == "auto"
         and device == "cuda"
         and (offload or quantized or _memory_tight(model, micro_tokens))
-    )
-    # Regional compilation: one decoder layer's code, reused by every layer. `auto` only for packs:
-    # padded batches change width every step and would recompile again and again (an H100,
-    # Qwen2.5-0.5B, one padded epoch of huanhuan: 1.7k tokens/s over the run with compilation, against
-    # 2.3k for the tutorial's eager recipe).
-    # Quantized (bitsandbytes) layers are compiled only when asked for (`on`): not measured here yet.
-    use_compile = tc.compile == "on" or (
-        tc.compile == "auto" and device == "cuda" and tc.packing and not quantized
     )
     if use_ckpt and use_compile:
         # Checkpointing by the compiler: with a memory budget of 0 the partitioner saves only each
@@ -344,7 +347,6 @@ def build_model(cfg: Config, model_dir: Path, device: str, world: World, sharded
         and pick_dtype(cfg.model.dtype, device) in (torch.bfloat16, torch.float16)
     )
     if use_compile:
-        use_compile_cache()
         if fixed_packs:  # layer 0 then shares the other layers' graph
             model.enable_input_require_grads()
         compile_layers(decoder_layers(model), static_shapes=fixed_packs)
