@@ -70,3 +70,12 @@ def test_models_without_sdpa_are_left_to_generate(tiny_model_dir):
 
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
     assert not can_decode_static(eager)
+
+
+def test_rows_that_stop_at_once_end_decoding_at_once(model_and_batch, qwen_tokenizer):
+    model, enc = model_and_batch
+    pad = qwen_tokenizer.pad_token_id
+    first = _generate(model, enc, stop=pad, pad=pad, n=1)[:, 0].tolist()
+    mine = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24, stop_ids=first,
+                         pad_id=pad, cuda_graph=False)  # fmt: skip
+    assert mine.tolist() == [[t] for t in first]

@@ -94,7 +94,7 @@ def greedy_decode(
         token = logits.argmax(-1)
         finished = torch.isin(token, stops)
         out = [token]
-        if max_new_tokens == 1:
+        if max_new_tokens == 1 or bool(finished.all()):  # every row stopped at once: nothing to decode
             return torch.stack(out, dim=1)
 
         # The static inputs of one step; each step writes them in place.
