@@ -191,3 +191,14 @@ def test_swanlab_name_rule_is_swanlabs_own():
         except ValidationError:
             theirs = False
         assert bool(_SWANLAB_PROJECT.fullmatch(name)) == theirs, name
+
+
+def test_a_bad_value_from_the_command_line_is_named_there_not_in_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.epochs=2", "lora.r=-1"])
+    assert str(e.value).startswith("command line (lora.r=-1): config key 'lora.r'")
+    assert str(path) not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a bad value in the file is still named by the file
+        load_config(write(tmp_path, "lora:\n  r: -1\n"), ["train.epochs=2"])
+    assert str(e.value).startswith(str(tmp_path)) and "'lora.r'" in str(e.value)

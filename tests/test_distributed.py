@@ -91,6 +91,22 @@ def test_one_engine_per_launch_and_one_process_is_plain_torch():
     assert torch.allclose(engine.clip_grad_norm(list(model.parameters()), 1e9), want)
 
 
+def test_fsdp_asked_for_in_one_process_says_it_shards_nothing(tmp_path, monkeypatch, capsys):
+    from chattune.config import load_config
+    from chattune.train import check_run
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    out = f"train.output_dir={tmp_path / 'run'}"
+    check_run(load_config(None, ["train.distributed=fsdp", out]), resume=False)
+    assert (
+        "fsdp shards the weights over several processes, and this run is one process"
+        in capsys.readouterr().err
+    )
+    check_run(load_config(None, [out]), resume=False)  # ddp, the default: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_gpus_flag_runs_chattune_under_torchrun():
     cmd = torchrun_command(4, ["train", "c.yaml", "train.lr=1e-4"])
     assert cmd[:3] == [sys.executable, "-m", "chattune.distributed"]  # torchrun with a loopback rendezvous

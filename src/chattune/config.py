@@ -660,11 +660,18 @@ def load_config(
             raise ConfigError("(file)", "the top level must be a mapping of sections", where)
         # Relative data/output paths in a config file are relative to the file, not the shell's cwd.
         tree = _resolve_relative(tree, p.parent)
-    for key, value in parse_overrides(overrides or []):
+    given = {}  # key -> the override as typed, for messages about a value that came from the command line
+    for typed, (key, value) in zip(overrides or [], parse_overrides(overrides or []), strict=True):
         _set_dotted(tree, key, value, "command line")
-    cfg = config_from_dict(tree, where)
-    if check_output:
-        check_output_dir(cfg.train, where)
+        given[key] = typed if len(typed) <= 80 else typed[:77] + "..."
+    try:
+        cfg = config_from_dict(tree, where)
+        if check_output:
+            check_output_dir(cfg.train, where)
+    except ConfigError as e:
+        if e.key not in given:
+            raise
+        raise ConfigError(e.key, e.reason, f"command line ({given[e.key]})") from None
     return cfg
 
 

@@ -140,6 +140,11 @@ def check_run(cfg: Config, resume: bool) -> World:
             raise ConfigError(
                 "train.offload", "memory mode runs in one process; set it false with several GPUs"
             )
+    elif tc.distributed == "fsdp":  # asked to shard, but nothing to shard over: say so, then train
+        say_once(
+            "note: train.distributed: fsdp shards the weights over several processes, and this run is one "
+            "process, so each weight is whole on this GPU; start it with torchrun --nproc-per-node N to shard"
+        )
     _check_output_dir(Path(tc.output_dir), resume)
     return world
 
