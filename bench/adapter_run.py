@@ -11,6 +11,8 @@ Cases, each its own process, run in the order given (`--cases`):
              `data.train_path=<x4995 file>`, `track.backend=none` (SwanLab is not installed there).
   warm       the same command again: the compile cache and rendered data that `cold` left.
   nosamples  `warm` with `eval.samples=0` (eval loss only): what the sample answers cost in the whole run
+  ddp2       `cold`'s command with `--gpus 2` (torchrun, DDP replicas), its own empty cache: on nvidia-h200-x2
+  fsdp2      the same with `train.distributed=fsdp` (FSDP2 shards)
   decode     `decode_run.py`: the 5 sample answers (256 tokens) by `generate` and by the CUDA-graph
              decoder, LoRA merged into a copy or not
   unfused    `trainer_run.py` (1,000 records, 1 epoch, 2 packs a step), LoRA A fusion off (item 2 A/B)
@@ -95,16 +97,17 @@ def timed(cmd: list[str], env: dict, log: Path, limit: float) -> tuple[float, in
 
 
 def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, limit: float) -> dict:
-    extra = ["eval.samples=0"] if name == "nosamples" else []
+    extra = {"nosamples": ["eval.samples=0"], "fsdp2": ["train.distributed=fsdp"]}.get(name, [])
+    gpus = ["--gpus", "2"] if name in ("ddp2", "fsdp2") else []
     out = work / f"run-{name}"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "CHATTUNE_CACHE": str(work / "cache"), "PYTHONPATH": _pythonpath()}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    if name == "cold":
+    if name in ("cold", "ddp2", "fsdp2"):  # each starts cold
         shutil.rmtree(work / "cache", ignore_errors=True)
     cache_there = (work / "cache" / "torch-compile").is_dir()  # warm only if an earlier case filled it
     cmd = [
-        sys.executable, "-m", "chattune.cli", "train", str(CONFIG),
+        sys.executable, "-m", "chattune.cli", "train", *gpus, str(CONFIG),
         f"model.name_or_path={model}", "model.source=local", f"data.train_path={data}",
         f"train.output_dir={out}", "track.backend=none", "train.progress=false", *extra,
     ]  # fmt: skip
@@ -230,7 +233,7 @@ def main() -> None:
     path = logs / "adapter-results.json"
     results = json.loads(path.read_text()) if path.is_file() else []
     for case in a.cases.split(","):
-        if case in ("cold", "warm", "nosamples"):
+        if case in ("cold", "warm", "nosamples", "ddp2", "fsdp2"):
             res = chattune_case(case, model, data, work, logs, a.limit)
         elif case in ("fused", "unfused", "samples"):
             res = trainer_case(case, model, work, logs, a.limit)
