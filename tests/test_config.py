@@ -202,3 +202,16 @@ def test_a_bad_value_from_the_command_line_is_named_there_not_in_the_file(tmp_pa
     with pytest.raises(ConfigError) as e:  # a bad value in the file is still named by the file
         load_config(write(tmp_path, "lora:\n  r: -1\n"), ["train.epochs=2"])
     assert str(e.value).startswith(str(tmp_path)) and "'lora.r'" in str(e.value)
+
+
+def test_every_bad_override_is_named_on_the_command_line(tmp_path):
+    path = write(tmp_path, "lora:\n  r: 8\n")
+    with pytest.raises(ConfigError) as e:  # a value YAML cannot read
+        load_config(path, ["train.lr=["])
+    assert str(e.value).startswith("command line") and "'train.lr'" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # no '='
+        load_config(path, ["train.lr"])
+    assert str(e.value).startswith("command line")
+    with pytest.raises(ConfigError) as e:  # a whole section given on the command line replaces the file's
+        load_config(path, ['lora={"r": -1}'])
+    assert str(e.value).startswith("command line (lora={\"r\": -1}): config key 'lora.r'")

@@ -79,3 +79,21 @@ def test_rows_that_stop_at_once_end_decoding_at_once(model_and_batch, qwen_token
     mine = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24, stop_ids=first,
                          pad_id=pad, cuda_graph=False)  # fmt: skip
     assert mine.tolist() == [[t] for t in first]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [dict(repetition_penalty=1.05), dict(no_repeat_ngram_size=3), dict(min_new_tokens=4), dict(num_beams=2),
+     dict(suppress_tokens=[5]), dict(forced_bos_token_id=0)],
+)  # fmt: skip
+def test_models_whose_generation_config_changes_greedy_picks_are_left_to_generate(tiny_model_dir, setting):
+    # generate fills the fields chattune leaves unset from generation_config.json (Qwen2.5-Instruct's has
+    # repetition_penalty 1.05); greedy_decode takes the plain argmax, so its tokens would differ.
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert can_decode_static(model)
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, **setting
+    )
+    assert not can_decode_static(model)

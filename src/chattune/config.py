@@ -565,14 +565,18 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items:
         if "=" not in item:
-            raise ConfigError(item, "an override must look like section.key=value (e.g. train.lr=2e-4)")
+            raise ConfigError(
+                item, "an override must look like section.key=value (e.g. train.lr=2e-4)", "command line"
+            )
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(key, f"cannot parse value {raw[:80]!r}: {_yaml_problem(e)}") from None
+            raise ConfigError(
+                key, f"cannot parse value {raw[:80]!r}: {_yaml_problem(e)}", "command line"
+            ) from None
         except RecursionError:
-            raise ConfigError(key, "the value is nested too deeply") from None
+            raise ConfigError(key, "the value is nested too deeply", "command line") from None
         # YAML reads 2e-4 as a string (no dot); accept the number the user meant.
         if isinstance(value, str):
             try:
@@ -669,9 +673,11 @@ def load_config(
         if check_output:
             check_output_dir(cfg.train, where)
     except ConfigError as e:
-        if e.key not in given:
+        # The override that set the key, or the section holding it (`lora={r: -1}` replaces the file's lora).
+        typed = given.get(e.key) or next((given[k] for k in given if e.key.startswith(k + ".")), None)
+        if typed is None:
             raise
-        raise ConfigError(e.key, e.reason, f"command line ({given[e.key]})") from None
+        raise ConfigError(e.key, e.reason, f"command line ({typed})") from None
     return cfg
 
 

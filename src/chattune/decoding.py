@@ -24,12 +24,29 @@ import torch
 
 _CHECK_EVERY = 16  # steps between host reads of "has every row stopped" (each read waits for the GPU)
 _EAGER_STEPS = 2  # decoding steps run eagerly before the capture (torch's warm-up before capturing)
+# Generation settings under which `generate(do_sample=False)` does more than take the argmax (a logits
+# processor, or beam search), with their neutral values. `generate` fills the fields its caller leaves unset
+# from the model's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05).
+_GREEDY_NEUTRAL = {
+    "num_beams": 1,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "guidance_scale": 1,
+    **dict.fromkeys(
+        ("bad_words_ids", "sequence_bias", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+         "forced_eos_token_id", "exponential_decay_length_penalty", "watermarking_config", "penalty_alpha",
+         "dola_layers"),
+    ),
+}  # fmt: skip
 
 
 def can_decode_static(model) -> bool:
     """Whether `greedy_decode` supports `model`: SDPA attention (or chattune's packed attention, which
     is SDPA outside packed batches), a cache transformers can make static, and whole weights (FSDP's
-    sharded ones are gathered by hooks and collectives a replayed graph would not repeat)."""
+    sharded ones are gathered by hooks and collectives a replayed graph would not repeat), and a generation
+    config under which `generate`'s greedy picks are the plain argmax (`_GREEDY_NEUTRAL`)."""
     from chattune.attention import VARLEN
 
     config = getattr(model, "config", None)
@@ -40,6 +57,9 @@ def can_decode_static(model) -> bool:
     except ImportError:  # a torch built without distributed support has no sharded weights either
         DTensor = None
     if DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+        return False
+    gen = getattr(model, "generation_config", None)
+    if any(getattr(gen, k, None) not in (None, v) for k, v in _GREEDY_NEUTRAL.items()):
         return False
     text = config.get_text_config(decoder=True)
     return all(t == "full_attention" for t in getattr(text, "layer_types", None) or ["full_attention"])
