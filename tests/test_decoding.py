@@ -83,12 +83,12 @@ def test_rows_that_stop_at_once_end_decoding_at_once(model_and_batch, qwen_token
 
 @pytest.mark.parametrize(
     "setting",
-    [dict(repetition_penalty=1.05), dict(no_repeat_ngram_size=3), dict(min_new_tokens=4), dict(num_beams=2),
-     dict(suppress_tokens=[5]), dict(forced_bos_token_id=0)],
+    [dict(no_repeat_ngram_size=3), dict(min_new_tokens=4), dict(num_beams=2), dict(suppress_tokens=[5]),
+     dict(forced_bos_token_id=0)],
 )  # fmt: skip
 def test_models_whose_generation_config_changes_greedy_picks_are_left_to_generate(tiny_model_dir, setting):
-    # generate fills the fields chattune leaves unset from generation_config.json (Qwen2.5-Instruct's has
-    # repetition_penalty 1.05); greedy_decode takes the plain argmax, so its tokens would differ.
+    # generate fills the fields chattune leaves unset from generation_config.json; greedy_decode applies
+    # only the repetition penalty (below), so under these its tokens would differ.
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
@@ -97,3 +97,30 @@ def test_models_whose_generation_config_changes_greedy_picks_are_left_to_generat
         do_sample=True, temperature=0.7, top_p=0.8, top_k=20, **setting
     )
     assert not can_decode_static(model)
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.5])
+def test_the_repetition_penalty_of_generation_config_is_applied_as_generate_applies_it(
+    model_and_batch, qwen_tokenizer, penalty
+):
+    """Qwen2.5-Instruct's generation_config.json sets repetition_penalty 1.05, and `generate` applies it
+    to greedy answers too; a strong penalty changes this model's picks, and both decoders agree."""
+    from transformers import GenerationConfig
+
+    model, enc = model_and_batch
+    pad = qwen_tokenizer.pad_token_id
+    plain = _generate(model, enc, stop=pad, pad=pad, n=24)
+    base = model.get_base_model()  # whose generation_config peft's generate reads
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+                                              repetition_penalty=penalty)  # fmt: skip
+    try:
+        assert can_decode_static(model)
+        ref = _generate(model, enc, stop=pad, pad=pad, n=24)
+    finally:
+        base.generation_config = saved
+    mine = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24, stop_ids=[pad],
+                         pad_id=pad, cuda_graph=False, repetition_penalty=penalty)  # fmt: skip
+    if penalty == 1.5:
+        assert not torch.equal(ref, plain)  # the penalty changed what greedy picks
+    assert torch.equal(mine, ref)

@@ -26,10 +26,10 @@ _CHECK_EVERY = 16  # steps between host reads of "has every row stopped" (each r
 _EAGER_STEPS = 2  # decoding steps run eagerly before the capture (torch's warm-up before capturing)
 # Generation settings under which `generate(do_sample=False)` does more than take the argmax (a logits
 # processor, or beam search), with their neutral values. `generate` fills the fields its caller leaves unset
-# from the model's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05).
+# from the model's generation_config.json. `repetition_penalty` (Qwen2.5-Instruct's file sets 1.05) is
+# applied by `greedy_decode` itself (`_RepetitionPenalty`).
 _GREEDY_NEUTRAL = {
     "num_beams": 1,
-    "repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "min_length": 0,
     "min_new_tokens": 0,
@@ -58,11 +58,18 @@ def can_decode_static(model) -> bool:
         DTensor = None
     if DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters()):
         return False
-    gen = getattr(model, "generation_config", None)
+    gen = generation_config_of(model)
     if any(getattr(gen, k, None) not in (None, v) for k, v in _GREEDY_NEUTRAL.items()):
         return False
     text = config.get_text_config(decoder=True)
     return all(t == "full_attention" for t in getattr(text, "layer_types", None) or ["full_attention"])
+
+
+def generation_config_of(model):
+    """The generation config `generate` reads: the transformers model's (a peft wrapper's `generate`
+    calls its base model's), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "generation_config", None)
 
 
 def _cache_argument(model) -> str:
@@ -71,6 +78,36 @@ def _cache_argument(model) -> str:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+class _RepetitionPenalty:
+    """transformers' `RepetitionPenaltyLogitsProcessor` on a static (B, vocab) mask of the tokens seen: a
+    seen token's logit is divided by `penalty` when positive and multiplied when negative (CTRL,
+    https://arxiv.org/abs/1909.05858), in float32 as `generate` computes it. The mask is updated in place,
+    so no tensor changes shape from step to step. Left padding counts as seen where the installed
+    transformers counts it (before `prompt_ignore_length` existed, 5.17, it did).
+    """
+
+    def __init__(self, penalty: float, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int):
+        import inspect
+
+        from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+        self.penalty = float(penalty)
+        skips_padding = (
+            "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters
+        )
+        ids = input_ids.masked_fill(attention_mask == 0, vocab) if skips_padding else input_ids
+        self.seen = torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device)
+        self.seen.scatter_(1, ids, True)  # column `vocab` collects the skipped padding
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row (B,) after the penalty, from last-position logits (B, vocab)."""
+        scores = logits.float()
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        token = torch.where(self.seen[:, : scores.shape[-1]], penalised, scores).argmax(-1)
+        self.seen.scatter_(1, token[:, None], True)
+        return token
 
 
 def greedy_decode(
@@ -82,13 +119,16 @@ def greedy_decode(
     stop_ids: list[int],
     pad_id: int,
     cuda_graph: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """New token ids (B, n <= max_new_tokens) after left-padded prompts `input_ids` (B, P) with
     `attention_mask` (B, P; 0 on padding), as `generate(do_sample=False)` returns them after the prompt:
     a row that produced a stop id then holds `pad_id`, and decoding ends when every row has stopped.
 
     `cuda_graph`: capture one decoding step and replay it (CUDA only); False steps eagerly through the
-    same static cache (the reference the graph is tested against). Raises RuntimeError from torch when
+    same static cache (the reference the graph is tested against). `repetition_penalty` != 1: as
+    `generate` applies the model's `generation_config.repetition_penalty` (`_RepetitionPenalty`).
+    Raises RuntimeError from torch when
     the model's forward cannot be captured (a host read inside it): the caller falls back to `generate`.
     """
     from transformers import StaticCache
@@ -111,7 +151,10 @@ def greedy_decode(
             **{cache_arg: cache},
             logits_to_keep=1,
         ).logits[:, -1]
-        token = logits.argmax(-1)
+        penalty = None
+        if repetition_penalty != 1.0:
+            penalty = _RepetitionPenalty(repetition_penalty, input_ids, attention_mask, logits.shape[-1])
+        token = penalty.pick(logits) if penalty is not None else logits.argmax(-1)
         finished = torch.isin(token, stops)
         out = [token]
         if max_new_tokens == 1 or bool(finished.all()):  # every row stopped at once: nothing to decode
@@ -150,7 +193,9 @@ def greedy_decode(
                 logits = step_logits
             else:
                 logits = step()
-            token = torch.where(finished, pad_id, logits.argmax(-1))
+            token = torch.where(
+                finished, pad_id, penalty.pick(logits) if penalty is not None else logits.argmax(-1)
+            )
             finished |= torch.isin(token, stops)
             out.append(token)
             if t == max_new_tokens - 1 or (t % _CHECK_EVERY == 0 and bool(finished.all())):

@@ -228,7 +228,7 @@ def generate_completions(
 def _decode_with_graph(loaded: Loaded, enc: dict, max_new_tokens: int) -> list[list[int]] | None:
     """`decoding.greedy_decode`'s new ids, or None (then `generate` decodes): a model it does not support,
     or a forward that cannot be captured, which is said once and not tried again for this model."""
-    from chattune.decoding import can_decode_static, greedy_decode
+    from chattune.decoding import can_decode_static, generation_config_of, greedy_decode
 
     model = loaded.model
     if getattr(model, "_chattune_no_graph", False) or not can_decode_static(model):
@@ -243,6 +243,7 @@ def _decode_with_graph(loaded: Loaded, enc: dict, max_new_tokens: int) -> list[l
             max_new_tokens=max_new_tokens,
             stop_ids=loaded.stop_token_ids,
             pad_id=pad,
+            repetition_penalty=float(getattr(generation_config_of(model), "repetition_penalty", None) or 1.0),
         )
     except RuntimeError as e:
         model._chattune_no_graph = True
