@@ -81,32 +81,26 @@ def _cache_argument(model) -> str:
 
 
 class _RepetitionPenalty:
-    """transformers' `RepetitionPenaltyLogitsProcessor` on a static (B, vocab) mask of the tokens seen: a
-    seen token's logit is divided by `penalty` when positive and multiplied when negative (CTRL,
-    https://arxiv.org/abs/1909.05858), in float32 as `generate` computes it. The mask is updated in place,
-    so no tensor changes shape from step to step. Left padding counts as seen where the installed
-    transformers counts it (before `prompt_ignore_length` existed, 5.17, it did).
-    """
+    """transformers' own `RepetitionPenaltyLogitsProcessor`, built as `generate` builds it, applied to the
+    last-position logits in float32 (as `generate` applies its processors) outside the graph, where the
+    ids seen so far may grow. Left padding is left out as `generate` leaves it out: newer transformers
+    pass each row's padding length as a tensor `prompt_ignore_length`; 5.17's processor takes only an
+    int there, and its `generate` penalises the padding too."""
 
-    def __init__(self, penalty: float, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int):
-        import inspect
-
+    def __init__(self, penalty: float, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-        self.penalty = float(penalty)
-        skips_padding = (
-            "prompt_ignore_length" in inspect.signature(RepetitionPenaltyLogitsProcessor).parameters
-        )
-        ids = input_ids.masked_fill(attention_mask == 0, vocab) if skips_padding else input_ids
-        self.seen = torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device)
-        self.seen.scatter_(1, ids, True)  # column `vocab` collects the skipped padding
+        padding = (attention_mask != 0).int().argmax(dim=1)  # what newer `generate` passes
+        try:
+            self.processor = RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=padding)
+        except (TypeError, ValueError):  # per-row lengths unsupported: `generate` passes none either
+            self.processor = RepetitionPenaltyLogitsProcessor(float(penalty))
+        self.ids = input_ids
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """The greedy token of each row (B,) after the penalty, from last-position logits (B, vocab)."""
-        scores = logits.float()
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        token = torch.where(self.seen[:, : scores.shape[-1]], penalised, scores).argmax(-1)
-        self.seen.scatter_(1, token[:, None], True)
+        token = self.processor(self.ids, logits.float()).argmax(-1)
+        self.ids = torch.cat([self.ids, token[:, None]], dim=1)
         return token
 
 
@@ -153,7 +147,7 @@ def greedy_decode(
         ).logits[:, -1]
         penalty = None
         if repetition_penalty != 1.0:
-            penalty = _RepetitionPenalty(repetition_penalty, input_ids, attention_mask, logits.shape[-1])
+            penalty = _RepetitionPenalty(repetition_penalty, input_ids, attention_mask)
         token = penalty.pick(logits) if penalty is not None else logits.argmax(-1)
         finished = torch.isin(token, stops)
         out = [token]

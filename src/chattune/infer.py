@@ -268,8 +268,7 @@ def generate(
     """Answer each conversation (greedy when temperature == 0); `n` answers each, conversation-major.
     `cuda_graph`: see `generate_completions`."""
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, n=n, seed=seed)
-    kw["cuda_graph"] = cuda_graph
-    return [c.text for c in generate_completions(loaded, conversations, **kw)]
+    return [c.text for c in generate_completions(loaded, conversations, cuda_graph=cuda_graph, **kw)]
 
 
 def _held_back(text: str, stop: list[str]) -> int:
