@@ -67,6 +67,7 @@ class ColumnsConfig:
     The alpaca field names are accepted as keys too (`data.columns.instruction: question`)."""
 
     KEY_ALIASES: ClassVar[dict[str, str]] = {"instruction": "prompt", "input": "query", "output": "response"}
+    """Not a key: the alpaca field names a user may write instead of prompt / query / response."""
 
     prompt: str | None = None
     """Column holding the instruction (alpaca `instruction`)."""
