@@ -108,8 +108,11 @@ def test_an_epoch_cut_short_is_labelled_by_step_and_fraction(tiny_model_dir, tmp
     assert [r["tag"] for r in evals] == ["baseline", "step 2"]
     assert 0 < evals[-1]["epoch"] < 1
     printed = capsys.readouterr()
-    assert "eval [step 2] step 2 (epoch 0." in printed.out + printed.err
-    assert "{'eval/loss'" not in printed.out + printed.err  # a line of columns, not a Python dict
+    said = printed.out + printed.err
+    assert "eval [step 2] step 2 (epoch 0." in said
+    assert "{'eval/loss'" not in said  # a table of columns, not a Python dict
+    header, values = said.split("eval [step 2] step 2 (epoch 0.")[1].splitlines()[1:3]
+    assert header.split() == ["loss"] and float(values) == pytest.approx(evals[-1]["eval/loss"], abs=1e-4)
 
 
 def test_sigterm_stops_at_a_step_boundary_and_prints_the_resume_command(tiny_model_dir, tmp_path):

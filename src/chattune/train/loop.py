@@ -204,9 +204,21 @@ class Evaluation:
 
 
 def format_eval_line(tag: str, step: int, epoch: float, row: dict) -> str:
-    """`eval [epoch 1] step 118 (epoch 1.00)   eval/loss 2.7001   eval/bleu4 12.50`: one aligned line."""
-    cells = "   ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval/"))
-    return f"eval [{tag}] step {step} (epoch {epoch:.2f})   {cells}"
+    """An evaluation as a two-row table under its name, e.g.
+
+    eval [step 4] step 4 (epoch 0.03)
+      loss    bleu4  rougeL
+      2.7001  12.50  30.12
+    """
+    cells = [
+        (k.removeprefix("eval/"), f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
+        for k, v in row.items()
+        if k.startswith("eval/")
+    ]
+    widths = [max(len(k), len(v)) for k, v in cells]
+    names = "  ".join(k.ljust(w) for (k, _), w in zip(cells, widths, strict=True))
+    values = "  ".join(v.ljust(w) for (_, v), w in zip(cells, widths, strict=True))
+    return f"eval [{tag}] step {step} (epoch {epoch:.2f})\n  {names.rstrip()}\n  {values.rstrip()}"
 
 
 def run_steps(
