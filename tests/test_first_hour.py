@@ -46,12 +46,16 @@ def test_a_missing_path_names_what_is_accepted(tmp_path):
         read_model_source(str(tmp_path / "nope"))
 
 
-def test_cli_eval_takes_a_builtin_model(tmp_path):
+def test_cli_eval_takes_a_builtin_model_and_columns(tmp_path, capsys):
     from chattune.cli.parser import main
 
     data = tmp_path / "eval.json"
-    data.write_text(json.dumps([{"instruction": "hi", "output": "hello"}]), encoding="utf-8")
-    assert main(["eval", "builtin:tiny-qwen2", "--data", str(data), "--max-new-tokens", "2"]) == 0
+    data.write_text(json.dumps([{"question": "hi", "answer": "hello"}]), encoding="utf-8")
+    args = ["eval", "builtin:tiny-qwen2", "--data", str(data), "--max-new-tokens", "2"]
+    assert main(args) == 2  # the hint names the option eval does take
+    assert "`eval --columns`" in capsys.readouterr().err
+    assert main([*args, "--columns", "instruction=question", "response=answer"]) == 0
+    assert "eval of builtin:tiny-qwen2" in capsys.readouterr().out
 
 
 # -- config and columns ---------------------------------------------------------------------------------

@@ -132,6 +132,13 @@ def _add_evaluating(sub) -> None:
     )
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    e.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="FIELD=COLUMN",
+        help="where the fields live in your records, as data.columns: e.g. prompt=question response=answer",
+    )
     e.add_argument("--converter", default=None, help="convert a tutorial's raw records first")
     e.add_argument("--identity-name", default=None, help="with --converter identity: fills {{name}}")
     e.add_argument("--identity-author", default=None, help="with --converter identity: fills {{author}}")

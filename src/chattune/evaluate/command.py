@@ -30,13 +30,15 @@ def run_eval(
     device: str = "auto",
     placeholders: dict | None = None,
     trust_remote_code: bool = False,
+    columns: list[str] | None = None,
 ) -> dict:
     """Answer every record of `data` with `model` (an adapter folder or a model directory), score the
     answers, print a metrics table; with `output_dir`, write predictions.jsonl and metrics.json there.
 
     Decoding is greedy and the prompts are rendered by the model's own chat template with its stored
     system prompt (or `system_prompt`), so two models evaluated on one file differ only in their
-    weights. `max_new_tokens` None: 256 for generation; for classification the longest reference label
+    weights. `columns`: `field=column` items (`prompt=question`), the keys `data.columns` takes.
+    `max_new_tokens` None: 256 for generation; for classification the longest reference label
     in tokens plus 8 (a label is a few tokens: decoding 256 per headline took minutes for nothing).
     Returns what metrics.json holds.
     """
@@ -54,7 +56,10 @@ def run_eval(
         raise ChattuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if output_dir is not None:
         check_output_path(output_dir, "--output", directory=True)
-    eval_set = read_eval_samples(data, limit=samples, converter=converter, placeholders=placeholders)
+    mapped = _read_columns(columns) if columns else None
+    eval_set = read_eval_samples(
+        data, limit=samples, converter=converter, placeholders=placeholders, columns=mapped
+    )
     if converter != "identity" and any(
         "{{name}}" in s.reference or "{{author}}" in s.reference for s in eval_set
     ):
@@ -99,6 +104,17 @@ def run_eval(
         # metrics.json last: its presence means the folder is complete.
         write_text_atomic(out / "metrics.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     return result
+
+
+def _read_columns(items: list[str]):
+    """`["prompt=question", "response=answer"]` -> the ColumnsConfig that `data.columns` would give."""
+    from chattune.config.load import config_from_dict
+
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (k, eq, v) in zip(items, pairs, strict=True) if not (k and eq and v)]
+    if bad:
+        raise ChattuneError(f"--columns {bad[0]!r}: give field=column, e.g. --columns prompt=question")
+    return config_from_dict({"data": {"columns": {k: v for k, _, v in pairs}}}, "--columns").data.columns
 
 
 def _default_max_new_tokens(task: str, eval_set: list, tokenizer) -> int:

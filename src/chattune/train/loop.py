@@ -210,11 +210,7 @@ def format_eval_line(tag: str, step: int, epoch: float, row: dict) -> str:
       loss    bleu4  rougeL
       2.7001  12.50  30.12
     """
-    cells = [
-        (k.removeprefix("eval/"), f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
-        for k, v in row.items()
-        if k.startswith("eval/")
-    ]
+    cells = [(k.removeprefix("eval/"), f"{v:.4f}") for k, v in row.items() if k.startswith("eval/")]
     widths = [max(len(k), len(v)) for k, v in cells]
     names = "  ".join(k.ljust(w) for (k, _), w in zip(cells, widths, strict=True))
     values = "  ".join(v.ljust(w) for (_, v), w in zip(cells, widths, strict=True))
