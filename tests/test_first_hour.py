@@ -143,3 +143,16 @@ def test_sigterm_stops_at_a_step_boundary_and_prints_the_resume_command(tiny_mod
     saved = out / "checkpoints" / f"step-{step:07d}"
     assert (saved / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "adapter").exists()  # no half-finished final adapter
+
+
+def test_a_line_said_under_a_progress_bar_is_not_glued_to_it(capsys):
+    from tqdm import tqdm
+
+    from chattune.console import say
+
+    bar = tqdm(total=2, file=sys.stderr, desc="train")
+    bar.update(1)
+    say("  [step 1] Q: 'hi'")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r  [step 1] Q: 'hi'\n" in err  # the bar's line was cleared first
