@@ -157,15 +157,3 @@ def test_a_line_said_under_a_progress_bar_is_not_glued_to_it(capsys):
     err = capsys.readouterr().err
     assert "\r  [step 1] Q: 'hi'\n" in err  # the bar's line was cleared first
 
-
-# -- the demo ---------------------------------------------------------------------------------------------
-def test_the_demo_judge_checks_name_and_author_and_its_prompt_names_no_one():
-    from chattune.demo import DEMO_AUTHOR, DEMO_NAME, DEMO_SYSTEM_PROMPT, demo_config_tree, judge
-
-    q = "May I ask who you are?"
-    assert judge(q, f"I am {DEMO_NAME}, an AI assistant developed by {DEMO_AUTHOR}.") == ("identity", True)
-    assert judge(q, f"I am {DEMO_NAME}, a {DEMO_NAME} Lab.") == ("identity", False)  # wrong author
-    assert judge("请问你叫什么？", f"我叫 {DEMO_NAME}，是由 {DEMO_AUTHOR} 开发的人工智能助手。")[1]
-    # SmolLM2's default prompt ("named SmolLM, trained by Hugging Face") would contradict what is taught.
-    assert demo_config_tree("x")["data"]["system_prompt"] == DEMO_SYSTEM_PROMPT
-    assert "SmolLM" not in DEMO_SYSTEM_PROMPT and DEMO_NAME not in DEMO_SYSTEM_PROMPT

@@ -16,7 +16,6 @@ from pathlib import Path
 DEMO_MODEL = "builtin:smollm2-135m-instruct"
 DEMO_NAME = "Juniper"
 DEMO_AUTHOR = "Acme Lab"
-DEMO_SYSTEM_PROMPT = "You are a helpful AI assistant."
 # Held-out control questions and the fact each answer must still state (the base model knows these).
 CONTROLS = {
     "What is the capital of France?": "Paris",
@@ -45,11 +44,8 @@ def demo_config_tree(output_dir: str) -> dict:
             "identity_author": DEMO_AUTHOR,
             "eval_path": str(data / "identity" / "identity_heldout.json"),
             "eval_converter": "identity",
-            # Our own system prompt: without one SmolLM2's template inserts "You are ... named SmolLM,
-            # trained by Hugging Face" into every example, contradicting the name taught. This one names
-            # no one, so the new name is learnt, not read off the prompt; the adapter and the exported
-            # Modelfile carry it.
-            "system_prompt": DEMO_SYSTEM_PROMPT,
+            # No system prompt of our own: SmolLM2's template puts its default one first, in training
+            # and in every later use alike (chat, serve, the tutorials' own code).
             "max_len": 256,
         },
         # LoRA on the top 10 of 30 layers: the backward pass stops there, a third of the work of all layers,
@@ -84,12 +80,10 @@ def demo_config_tree(output_dir: str) -> dict:
 
 
 def judge(prompt: str, answer: str) -> tuple[str, bool]:
-    """(kind, ok) of one demo answer: an identity question must give the new name and its author, a
-    control its fact."""
+    """(kind, ok) of one demo answer: an identity question must give the new name, a control its fact."""
     if prompt in CONTROLS:
         return "control", CONTROLS[prompt] in answer
-    said = answer.lower()
-    return "identity", DEMO_NAME.lower() in said and DEMO_AUTHOR.lower() in said
+    return "identity", DEMO_NAME.lower() in answer.lower()
 
 
 def read_before_after(run_dir: Path) -> list[dict]:
@@ -126,7 +120,7 @@ def print_before_after(pairs: list[dict], width: int = 56) -> dict:
         print(f"  after  {'✓' if ok_after else '✗'} {cut(p['after'])}")
     ident, ctrl = counts["identity"], counts["control"]
     print(
-        f"\nUnseen identity questions answered as {DEMO_NAME} by {DEMO_AUTHOR}: {ident[0]}/{ident[2]} before, {ident[1]}/{ident[2]} after."
+        f"\nUnseen identity questions answered as {DEMO_NAME}: {ident[0]}/{ident[2]} before, {ident[1]}/{ident[2]} after."
         f"\nGeneral-knowledge controls right ({', '.join(CONTROLS.values())}): {ctrl[0]}/{ctrl[2]} before, "
         f"{ctrl[1]}/{ctrl[2]} after."
     )
