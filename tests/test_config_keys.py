@@ -49,6 +49,7 @@ ALLOWED_KEYS = [
     "data.on_bad_row",
     "data.dedup",
     "data.cache",
+    "data.template_kwargs",
     "lora.enabled",
     "lora.r",
     "lora.alpha",

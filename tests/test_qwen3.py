@@ -174,3 +174,36 @@ def test_cache_key_covers_the_labelling_code():
     for name in ("cache.py", "template.py", "examples.py"):
         h.update((src / name).read_bytes())
     assert _code_version() == h.hexdigest()[:16]
+
+
+def test_consumers_format_as_training_did(tmp_path):
+    """inference.json carries the kwargs; the GGUF's Jinja template and Ollama's have them baked in;
+    serve takes chat_template_kwargs / reasoning_content and returns reasoning separately."""
+    from chattune.adapter import InferenceInfo, read_inference_info, write_inference_info
+    from chattune.infer.export_gguf import ollama_template
+    from chattune.infer.requests import answer_message, parse_request
+    from chattune.render.template import template_with_kwargs
+
+    write_inference_info(tmp_path, InferenceInfo(base_model="b", template_kwargs={"enable_thinking": False}))
+    assert read_inference_info(tmp_path).template_kwargs == {"enable_thinking": False}
+
+    nothink, think = _qwen3(enable_thinking=False), _qwen3()
+    msgs = [{"role": "user", "content": "你好"}]
+    baked = _qwen3()
+    baked.chat_template = template_with_kwargs(think.chat_template, {"enable_thinking": False})
+    assert build_generation_prompt(baked, msgs) == build_generation_prompt(nothink, msgs)
+    assert ollama_template(nothink).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ollama_template(think).endswith("<|im_start|>assistant\n")
+
+    req = parse_request(
+        b'{"messages": [{"role": "assistant", "content": "a", "reasoning_content": "r"}],'
+        b' "chat_template_kwargs": {"enable_thinking": false}}'
+    )
+    assert req.chat_template_kwargs == {"enable_thinking": False}
+    assert req.messages[0].reasoning_content == "r"
+    assert answer_message("<think>\n想想\n</think>\n\n好。") == {
+        "role": "assistant",
+        "content": "好。",
+        "reasoning_content": "想想",
+    }
+    assert answer_message("好。") == {"role": "assistant", "content": "好。"}

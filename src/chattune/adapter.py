@@ -41,6 +41,9 @@ class InferenceInfo:
     trained_on_quantized_base: str | None = None  # "nf4" | "int8" (QLoRA)
     merged_from: str | None = None  # a merged model: the adapter folder it was merged from
     note: str | None = None
+    template_kwargs: dict | None = (
+        None  # data.template_kwargs: chat template arguments (enable_thinking, ...)
+    )
 
 
 # field -> the JSON types it may hold (None is always allowed, except for base_model)
@@ -57,6 +60,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "trained_on_quantized_base": (str,),
     "merged_from": (str,),
     "note": (str,),
+    "template_kwargs": (dict,),
 }
 _ALWAYS_WRITTEN = ("base_model", "system_prompt", "end_of_turn_token")
 

@@ -56,7 +56,10 @@ def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {value!r}", path)
         return [_coerce(v, item_tp, f"{key}[{i}]", path) for i, v in enumerate(value)]
-    if tp is bool:
+    if tp is dict:  # a mapping passed on as given (data.template_kwargs); its section checks the values
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:

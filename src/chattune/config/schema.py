@@ -134,9 +134,18 @@ class DataConfig:
     cache: bool = True
     """Cache tokenised examples under $CHATTUNE_CACHE/tokenized, keyed by tokenizer, template, `max_len`,
     options and data, so that a second run starts at once."""
+    template_kwargs: dict = field(default_factory=dict)
+    """Arguments passed to the chat template in every rendering (training labels, pre-flight, sample answers,
+    chat, predict, eval, serve) and recorded in the adapter's inference.json, e.g. `{enable_thinking: false}`
+    for Qwen3. Names are strings, values scalars (true/false, numbers, strings)."""
 
     def __post_init__(self) -> None:
         # Checks between keys of this section; types were checked when the values were read.
+        for name, value in self.template_kwargs.items():
+            if not isinstance(name, str) or not (value is None or isinstance(value, (bool, int, float, str))):
+                raise ConfigError(
+                    f"data.template_kwargs.{name}", f"expected a true/false, number or string, got {value!r}"
+                )
         sources = self.train_path if isinstance(self.train_path, list) else [self.train_path]
         if isinstance(self.train_path, list) and (not sources or not all(sources)):
             raise ConfigError(

@@ -48,6 +48,7 @@ class APIError(Exception):
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning, as vLLM and SGLang return it
 
 
 class ChatRequest(BaseModel):
@@ -68,6 +69,9 @@ class ChatRequest(BaseModel):
     # plain answer that silently lacks them.
     tools: list[dict[str, Any]] | None = None
     logprobs: bool | None = None
+    # vLLM's / SGLang's extension: arguments for the chat template (e.g. {"enable_thinking": false}),
+    # over those the adapter was trained with.
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = None
 
 
 def message_text(m: ChatMessage, k: int) -> str:
@@ -79,6 +83,20 @@ def message_text(m: ChatMessage, k: int) -> str:
             raise APIError(400, f"messages[{k}]: only text content parts are supported", param="messages")
         parts.append(part["text"])
     return "".join(parts)
+
+
+def answer_message(text: str) -> dict[str, str]:
+    """The assistant message of a completion: a leading `<think>...</think>` block (Qwen3, DeepSeek-R1)
+    returned as `reasoning_content` beside the answer, as vLLM's and SGLang's reasoning parsers do."""
+    head = text.lstrip()
+    if head.startswith("<think>") and "</think>" in head:
+        reasoning, answer = head[len("<think>") :].split("</think>", 1)
+        return {
+            "role": "assistant",
+            "content": answer.lstrip("\n"),
+            "reasoning_content": reasoning.strip("\n"),
+        }
+    return {"role": "assistant", "content": text}
 
 
 # -- the app --------------------------------------------------------------------------------------------
@@ -143,10 +161,11 @@ def prepare_request(
         raise APIError(400, "logprobs are not supported by chattune serve", param="logprobs")
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, k)}
+        | ({"reasoning_content": m.reasoning_content} if m.reasoning_content is not None else {})
         for k, m in enumerate(req.messages)
     ]
     try:
-        prompt = build_prompt(loaded, messages)
+        prompt = build_prompt(loaded, messages, template_kwargs=req.chat_template_kwargs)
     except (ChattuneError, ValueError, TemplateError) as e:  # the template refuses it (e.g. role order)
         raise APIError(400, f"messages: {str(e)[:300]}", param="messages") from None
     prompt_tokens = count_tokens(loaded, prompt)

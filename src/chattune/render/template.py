@@ -302,3 +302,18 @@ def template_default_system(tokenizer) -> str | None:
     if head.startswith(before) and head.endswith(sys_after) and len(head) > len(before) + len(sys_after):
         return head[len(before) : len(head) - len(sys_after)] or None
     return None
+
+
+def template_with_kwargs(template: str, kwargs: dict) -> str:
+    """The Jinja chat template with the training run's template arguments (`data.template_kwargs`) set at
+    its top, so llama.cpp and every other Jinja renderer format prompts as training did (Qwen3's
+    enable_thinking=False puts an empty think block into the generation prompt)."""
+    head = ""
+    for name, value in kwargs.items():
+        if not name.isidentifier():
+            raise TemplateError(
+                f"template argument {name!r} (inference.json) is not a template variable name"
+            )
+        literal = "none" if value is None else json.dumps(value, ensure_ascii=False)  # true/false/1.5/"s"
+        head += f"{{%- set {name} = {literal} %}}"
+    return head + "\n" + template if head else template

@@ -33,6 +33,7 @@ from chattune.model.lora import add_lora, initial_adapter_state, training_model_
 from chattune.model.resolve import resolve_model_dir
 from chattune.render.cache import render_all
 from chattune.render.preflight import preflight, require_examples
+from chattune.render.template import set_template_kwargs
 from chattune.train import decide
 from chattune.train.checkpoints import find_resume_point, fingerprint_examples
 from chattune.train.compiling import compile_layers, doc_bound, start_compile_workers, use_compile_cache
@@ -134,6 +135,7 @@ def read_and_render(cfg: Config, world: World) -> TrainingData:
     dc = cfg.data
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model)
+    set_template_kwargs(tokenizer, dc.template_kwargs)  # every rendering below and in sample answers
     train_convs, eval_convs, read_report, eval_read = read_splits(dc, cfg.train.seed)
     # Pre-flight: refuse to train on ids that differ from the template's or an untrained end of turn.
     for warning in preflight(tokenizer, train_convs, model_dir=model_dir, train_on=dc.train_on):
