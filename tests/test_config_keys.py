@@ -80,6 +80,7 @@ ALLOWED_KEYS = [
     "train.pack_tokens",
     "train.compile",
     "train.device",
+    "train.precision",
     "train.progress",
     "train.distributed",
     "train.fsdp_reshard_after_forward",

@@ -282,6 +282,14 @@ class TrainConfig:
     recomputation (activation memory budget 0) instead of transformers' checkpoint wrapper."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when a GPU is visible, else the CPU."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """The base matmuls of a LoRA run. `bf16`: as the model's dtype. `fp8`: the frozen base weights of the
+    decoder layers' linears quantized once to float8 e4m3 (per-row scales), activations and incoming
+    gradients per token row, on Hopper's FP8 tensor cores (`chattune.model.fp8`); LoRA A/B, norms,
+    attention, the LM head and the loss unchanged, and the adapter is an ordinary one. Needs a CUDA GPU of
+    compute capability 9.0+ (checked before anything loads); not with full fine-tuning, QLoRA, DoRA or
+    FSDP. Not yet equal to bf16: on the legal 7B job (one H100) it trained 1.33x faster and its final eval
+    loss was 4 % higher (bench/RESULTS.md, issue 28)."""
     progress: bool = True
     """Show a progress bar on an interactive terminal (log lines are written either way)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"

@@ -122,6 +122,10 @@ def check_run(cfg: Config, resume: bool) -> World:
             "process, so each weight is whole on this GPU; start it with torchrun --nproc-per-node N to shard"
         )
     check_run_dir_unused(Path(tc.output_dir), resume)
+    if tc.precision == "fp8":  # the GPU's FP8 tensor cores, before the data reads and the model loads
+        from chattune.model.fp8 import check_fp8_device
+
+        check_fp8_device(tc.device)
     return world
 
 
@@ -242,6 +246,10 @@ def build_model(cfg: Config, model_dir: Path, world: World, sharded: bool) -> Mo
     else:
         model.requires_grad_(True)  # full fine-tuning: every weight trains
     initial_lora = initial_adapter_state(model, cfg.lora)  # PiSSA/OLoRA: to save a plain LoRA at the end
+    if tc.precision == "fp8":  # frozen base linears to e4m3 once, before compilation sees the layers
+        from chattune.model.fp8 import convert_to_fp8
+
+        convert_to_fp8(decoder_layers(model))
     # The largest micro-batch in tokens: what activation memory scales with.
     micro_tokens = tc.pack_tokens if tc.packing else tc.micro_batch_size * dc.max_len
     use_ckpt = decide.use_checkpointing(
@@ -379,7 +387,8 @@ def describe(cfg: Config, built: ModelSetup, plan: Plan, world: World) -> str:
     return (
         f"model: {cfg.model.name_or_path} on {device} ({next(built.model.parameters()).dtype}, "
         f"attention {built.attn}, checkpointing {'on' if built.use_ckpt else 'off'}, compiled layers "
-        f"{'on' if built.use_compile else 'off'}{', memory mode (offload)' if built.offload else ''}); "
+        f"{'on' if built.use_compile else 'off'}{', memory mode (offload)' if built.offload else ''}"
+        f"{', fp8 base matmuls' if tc.precision == 'fp8' else ''}); "
         f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'} trains {built.n_trainable:,} of "
         f"{built.n_total:,} parameters; {plan.total_steps} optimizer steps over {plan.n_epochs} epoch(s)"
         + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")
