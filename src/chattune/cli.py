@@ -19,9 +19,11 @@ def cmd_train(args) -> int:
 
         resume = ["--resume"] if args.resume else []
         return relaunch(args.gpus, ["train", args.config, *args.overrides, *resume])
+    from chattune.rundir import recording_end_state
     from chattune.train import run
 
-    run(cfg, resume=args.resume)
+    with recording_end_state(cfg.train.output_dir):  # run_state.json: interrupted / failed; SIGTERM stops
+        run(cfg, resume=args.resume)
     return 0
 
 
@@ -223,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     from chattune.datacheck import add_data_parser  # light: imports nothing heavy at module level
 
     add_data_parser(sub)
+    from chattune.ui import add_ui_parser  # light: the web app loads when the command runs
+
+    add_ui_parser(sub)
 
     for name, helptext in [("chat", "chat with a model or adapter"), ("predict", "batch predictions")]:
         c = sub.add_parser(name, help=helptext)

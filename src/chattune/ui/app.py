@@ -1,0 +1,406 @@
+"""The `chattune ui` web app (FastAPI): the page, its JSON API and the live run stream.
+
+browser --GET /--> static page (every asset from the package: no CDN, font or analytics)
+        --/api/schema, /api/config/check--> the form from the config dataclasses, checked by the config
+        --POST /api/runs--> launch.start_run --> `chattune train` process --> run directory
+        <--/api/runs/{id}/events (server-sent events)-- runs.Tail over metrics.jsonl / predictions.jsonl
+Bad requests get 4xx with {"error", "field"}; nothing outside the runs directory is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from chattune.errors import ChattuneError, ConfigError
+from chattune.ui import launch, runs, schema
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 2 * 2**20  # an uploaded YAML or a chat: far below this
+POLL_S = 0.5
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+logger = logging.getLogger("chattune.ui")
+
+
+class HTTPProblem(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def _problem(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+async def _json_body(request: Request) -> dict:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise HTTPProblem(415, "send the request body as JSON (Content-Type: application/json)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPProblem(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPProblem(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise HTTPProblem(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise HTTPProblem(400, "the request body must be a JSON object")
+    return data
+
+
+def build_app(
+    runs_dir: str | Path, *, api_key: str | None = None, allowed_hosts: tuple[str, ...] = LOOPBACK
+) -> FastAPI:
+    """The app serving `runs_dir`. `api_key`: every request must carry it (header `Authorization:
+    Bearer KEY`, or the cookie the page sets after `/?key=KEY`). `allowed_hosts`: Host header names
+    accepted (a page elsewhere cannot reach a loopback UI through DNS rebinding); empty accepts any."""
+    runs_dir = Path(runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    app = FastAPI(title="chattune ui", docs_url=None, redoc_url=None, openapi_url=None)
+    cookie = "chattune_ui_key"
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        if allowed_hosts and host not in allowed_hosts:
+            return _problem(403, f"Host {host!r} is not served here (open the URL `chattune ui` printed)")
+        origin = request.headers.get("origin")
+        if (
+            request.method not in ("GET", "HEAD")
+            and origin
+            and urlsplit(origin).netloc != request.headers.get("host")
+        ):
+            return _problem(403, "a request from another site's page is refused")
+        set_cookie = False
+        if api_key is not None:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ")
+            given = given or request.cookies.get(cookie, "")
+            if not given and request.url.path == "/":
+                given, set_cookie = request.query_params.get("key", ""), True
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return _problem(
+                    401, "this UI needs its API key: open /?key=KEY or send 'Authorization: Bearer KEY'"
+                )
+        try:
+            response = await call_next(request)
+        except Exception as e:  # never a traceback or internals to the client; the server log has them
+            ref = uuid.uuid4().hex[:12]
+            logger.error("internal error %s", ref, exc_info=e)
+            return _problem(500, f"internal error (reference {ref}; the `chattune ui` log has the details)")
+        if set_cookie:
+            response.set_cookie(cookie, api_key, httponly=True, samesite="strict")
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @app.exception_handler(HTTPProblem)
+    async def _on_problem(request: Request, e: HTTPProblem):
+        return _problem(e.status, e.message, e.field)
+
+    @app.exception_handler(ConfigError)
+    async def _on_config(request: Request, e: ConfigError):
+        return _problem(422, f"{e.key}: {e.reason}", e.key)
+
+    @app.exception_handler(runs.PathRefused)
+    async def _on_path(request: Request, e: runs.PathRefused):
+        return _problem(400, str(e), "id")
+
+    @app.exception_handler(launch.Refused)
+    async def _on_refused(request: Request, e: launch.Refused):
+        return _problem(409, str(e))
+
+    @app.exception_handler(ChattuneError)
+    async def _on_user_error(request: Request, e: ChattuneError):
+        return _problem(400, str(e))
+
+    @app.exception_handler(404)
+    async def _on_404(request: Request, e: Exception):
+        return _problem(404, f"nothing at {request.url.path[:200]}")
+
+    @app.exception_handler(405)
+    async def _on_405(request: Request, e: Exception):
+        return _problem(405, f"{request.method} is not accepted at {request.url.path[:200]}")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/meta")
+    async def meta():
+        import chattune
+
+        return {
+            "runs_dir": str(runs_dir),
+            "cwd": str(Path.cwd()),
+            "version": chattune.__version__,
+            "default_output_dir": _free_output_dir(runs_dir),
+        }
+
+    @app.get("/api/schema")
+    async def form_schema():
+        return schema.form_schema()
+
+    @app.post("/api/config/check")
+    async def check(request: Request):
+        tree = schema.to_tree((await _json_body(request)).get("values"))
+        text, out = launch.check_tree(tree, runs_dir)
+        command = launch.train_argv(
+            runs.launch_dir(runs_dir, out.relative_to(runs_dir).as_posix()) / "config.yaml"
+        )[1]
+        return {"yaml": text, "command": command, "output_dir": str(out)}
+
+    @app.post("/api/config/from-yaml")
+    async def from_yaml(request: Request):
+        text = (await _json_body(request)).get("text")
+        if not isinstance(text, str):
+            raise HTTPProblem(422, "text: expected the YAML file's text", "text")
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise HTTPProblem(422, f"(file): not valid YAML: {getattr(e, 'problem', e)}", "(file)") from None
+        if not isinstance(tree, dict):
+            raise HTTPProblem(422, "(file): the top level must be a mapping of sections", "(file)")
+        from chattune.config import config_from_dict
+
+        config_from_dict(tree, "uploaded YAML")  # an unknown key or bad value is named now, by its field
+        return {"values": schema.values_from_tree(tree)}
+
+    @app.get("/api/runs")
+    async def list_runs():
+        launch.reap()
+        return [runs.run_overview(runs_dir, r) for r in runs.list_run_ids(runs_dir)]
+
+    @app.post("/api/runs", status_code=201)
+    async def start(request: Request):
+        tree = schema.to_tree((await _json_body(request)).get("values"))
+        return launch.start_run(tree, runs_dir)
+
+    @app.get("/api/runs/{run_id:path}/config")
+    async def run_config(run_id: str):
+        run_dir = _existing(run_id)
+        tree = runs.read_config_tree(run_dir)
+        if not tree:
+            raise HTTPProblem(404, f"run {run_id} has no readable config.yaml")
+        return {"values": schema.values_from_tree(tree)}
+
+    @app.post("/api/runs/{run_id:path}/stop")
+    async def stop(run_id: str):
+        _existing(run_id)
+        return launch.stop_run(runs_dir, run_id)
+
+    @app.post("/api/runs/{run_id:path}/resume")
+    async def resume(run_id: str):
+        _existing(run_id)
+        return launch.resume_run(runs_dir, run_id)
+
+    @app.get("/api/runs/{run_id:path}/events")
+    async def events(run_id: str, request: Request):
+        run_dir = _existing(run_id)
+        return StreamingResponse(
+            _event_stream(runs_dir, run_id, run_dir, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/runs/{run_id:path}/report.html")
+    async def report(run_id: str):
+        path = _existing(run_id) / "report.html"
+        if not path.is_file():
+            raise HTTPProblem(404, f"run {run_id} has no report.html yet (it is written when the run ends)")
+        return FileResponse(path, media_type="text/html")
+
+    @app.get("/api/compare")
+    async def compare(request: Request):
+        from chattune.compare import write_compare
+
+        ids = request.query_params.getlist("id")
+        if len(ids) < 2:
+            raise HTTPProblem(422, "id: pick at least two runs to compare", "id")
+        dirs = [_existing(r) for r in ids]
+        out = runs_dir / runs.UI_DIR / "compare" / hashlib.sha256("\0".join(ids).encode()).hexdigest()[:16]
+        out.mkdir(parents=True, exist_ok=True)
+        html_path, _ = await asyncio.to_thread(write_compare, dirs, out)
+        return HTMLResponse(html_path.read_text(encoding="utf-8"))
+
+    @app.get("/api/chat/{run_id:path}/info")
+    async def chat_info(run_id: str):
+        from chattune.ui.chat import system_prompts
+
+        return await asyncio.to_thread(system_prompts, _adapter(run_id))
+
+    @app.post("/api/chat/{run_id:path}")
+    async def chat(run_id: str, request: Request):
+        from chattune.ui.chat import stream_answer
+
+        body = await _json_body(request)
+        messages, base, max_new = (
+            body.get("messages"),
+            body.get("base", False),
+            body.get("max_new_tokens", 128),
+        )
+        if not isinstance(messages, list) or not messages:
+            raise HTTPProblem(422, "messages: expected a non-empty list of {role, content}", "messages")
+        if not isinstance(base, bool):
+            raise HTTPProblem(422, "base: expected true or false", "base")
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= 4096:
+            raise HTTPProblem(422, "max_new_tokens: expected an integer in [1, 4096]", "max_new_tokens")
+        adapter = _adapter(run_id)
+        pieces = stream_answer(adapter, messages, base=base, max_new_tokens=max_new)
+        first = await asyncio.to_thread(
+            _first_or_error, pieces
+        )  # a bad conversation is a 4xx, not a cut stream
+        return StreamingResponse(_sse_pieces(first, pieces), media_type="text/event-stream")
+
+    def _existing(run_id: str) -> Path:
+        run_dir = runs.check_run_id(runs_dir, run_id)
+        if not run_dir.is_dir() and runs.read_launch(runs_dir, run_id) is None:
+            raise HTTPProblem(404, f"no run {run_id!r} in {runs_dir}", "id")
+        return run_dir
+
+    def _adapter(run_id: str) -> Path:
+        adapter = _existing(run_id) / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise HTTPProblem(409, f"run {run_id} has no adapter yet (chat needs a finished LoRA run)", "id")
+        return adapter
+
+    return app
+
+
+def _free_output_dir(runs_dir: Path) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, k = f"run-{stamp}", 1
+    while (runs_dir / name).exists():
+        k += 1
+        name = f"run-{stamp}-{k}"
+    return str(runs_dir / name)
+
+
+def _first_or_error(pieces):
+    return next(pieces, None)
+
+
+async def _sse_pieces(first, pieces):
+    def send(event: dict) -> str:
+        return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+    sentinel = object()
+    event = first
+    try:
+        while event is not None:
+            yield send(event)
+            event = await asyncio.to_thread(next, pieces, sentinel)
+            if event is sentinel:
+                break
+    except ChattuneError as e:
+        yield send({"error": str(e)})
+    finally:
+        pieces.close()
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)}\n\n"
+
+
+def _clean(rows: list[dict]) -> list[dict]:
+    # JSON has no NaN / Infinity: a diverged loss is sent as null (the page shows a gap, the files keep it).
+    def fix(v):
+        return None if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))) else v
+
+    return [{k: fix(v) for k, v in row.items()} for row in rows]
+
+
+async def _event_stream(runs_dir: Path, run_id: str, run_dir: Path, request: Request):
+    """A snapshot of the run (everything written so far), then updates as files grow; ends a little after
+    the run does. A reload or a second tab gets its own snapshot: nothing is kept per page."""
+    metrics, preds = runs.Tail(run_dir / "metrics.jsonl"), runs.Tail(run_dir / "predictions.jsonl")
+    log_path = runs.launch_dir(runs_dir, run_id) / "train.log"
+    train_rows: list[dict] = []
+    kind, last_log, last_overview, ended_at = "snapshot", None, None, None
+    yield "retry: 1000\n\n"
+    while not await request.is_disconnected():
+        new_m, new_p = metrics.read(), preds.read()
+        if metrics.reset or preds.reset:  # a resume rewrote the files: start the page over
+            metrics.offset = preds.offset = 0
+            new_m, new_p, train_rows, kind = metrics.read(), preds.read(), [], "snapshot"
+        train_rows += [r for r in new_m if any(k.startswith("train/") for k in r)]
+        overview = runs.run_overview(runs_dir, run_id)
+        log = runs.read_log_tail(log_path)
+        if kind == "snapshot" or new_m or new_p or log != last_log or overview != last_overview:
+            config = runs.read_config_tree(run_dir)
+            started = _started(run_dir)
+            payload = {
+                "kind": kind,
+                "metrics": _clean(new_m),
+                "predictions": new_p,
+                "overview": overview,
+                "log": log,
+                "progress": runs.progress(config, train_rows, started),
+                "tracker": runs.tracker_location(config, run_dir),
+            }
+            if kind == "snapshot":
+                launch_record = runs.read_launch(runs_dir, run_id) or {}
+                payload["command"] = launch_record.get("command")
+                payload["config_yaml"] = (
+                    (run_dir / "config.yaml").read_text(encoding="utf-8")
+                    if (run_dir / "config.yaml").is_file()
+                    else None
+                )
+            yield _sse("run", payload)
+            kind, last_log, last_overview = "update", log, overview
+        if overview["state"] in ("finished", "interrupted", "failed"):
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > 2.0:  # the report is written just after the state
+                yield _sse("end", {"state": overview["state"]})
+                return
+        await asyncio.sleep(POLL_S)
+
+
+def _started(run_dir: Path) -> float | None:
+    from chattune.rundir import read_run_state
+
+    recorded = read_run_state(run_dir)
+    return recorded.get("time") if recorded and recorded["state"] == "running" else None
+
+
+def run_ui(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
+    """Serve the UI until interrupted (the `chattune ui` command). Another host than loopback needs
+    an API key; runs it started go on training after it stops."""
+    import uvicorn
+
+    if not 0 <= port <= 65535:
+        raise ChattuneError(f"--port must be in [0, 65535], got {port}")
+    if host not in LOOPBACK and not api_key:
+        raise ChattuneError(
+            f"--host {host}: serving beyond this machine needs --api-key KEY (or CHATTUNE_API_KEY)"
+        )
+    app = build_app(runs_dir, api_key=api_key, allowed_hosts=LOOPBACK if host in LOOPBACK else ())
+    shown = f"[{host}]" if ":" in host else host
+    key = f"/?key={api_key}" if api_key else "/"
+    print(
+        f"chattune ui: http://{shown}:{port}{key}  (runs: {Path(runs_dir).resolve()}; Ctrl-C stops the UI, not the runs)",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
