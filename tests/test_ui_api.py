@@ -305,3 +305,37 @@ def test_a_run_from_the_shell_shows_up_the_same_and_chats(client, runs_dir, one_
         ).status_code
         == 422
     )
+
+
+def test_data_panel_runs_chattune_data_on_the_form(client, runs_dir, tmp_path):
+    from conftest import write_huanhuan_slice
+
+    values = form_values(write_huanhuan_slice(tmp_path, 20), runs_dir / "d", max_steps=2)
+    r = client.post("/api/data", json={"values": values, "command": "preview"})
+    assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+    assert r.json()["command"].startswith("chattune data preview ")
+    trained = re.findall(r"\[\[(.*?)\]\]", r.json()["output"], re.S)
+    assert trained.pop() == "like this"  # the legend line
+    assert len(trained) == 5 and all(
+        span.endswith("<|im_end|>") for span in trained
+    )  # the end of turn is trained
+    r = client.post("/api/data", json={"values": values, "command": "rm"})
+    assert r.status_code == 422 and r.json()["field"] == "command"
+    r = client.post("/api/data", json={"values": {**values, "data.max_len": "0"}, "command": "check"})
+    assert r.status_code == 422 and r.json()["field"] == "data.max_len"
+    assert not (runs_dir / "d").exists()  # looking at the data starts no run
+
+
+def test_shipped_configs_load_into_the_form(runs_dir, monkeypatch):
+    from conftest import REPO
+    from fastapi.testclient import TestClient
+
+    monkeypatch.chdir(REPO)  # the UI started in a checkout lists its configs/
+    c = TestClient(build_app(runs_dir), base_url=BASE)
+    names = c.get("/api/configs").json()
+    assert "qwen2.5-7b-instruct-legal.yaml" in names
+    values = c.get("/api/configs/qwen2.5-7b-instruct-legal.yaml").json()["values"]
+    assert values["model.name_or_path"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert Path(values["data.train_path"]).is_absolute()  # relative to the config file, as train reads it
+    for bad in ("..%2Fpyproject.toml", "%2Fetc%2Fpasswd", "nope.yaml"):
+        assert c.get(f"/api/configs/{bad}").status_code == 404

@@ -172,6 +172,13 @@ def test_the_whole_job_in_a_real_browser(browser, ui, one_torch_thread):
     wait_for(lambda: _css(driver, "#preview").is_displayed(), 20, "the YAML preview")
     assert _css(driver, "#preview-command").text.startswith("chattune train ")
     assert "lr: 2e-4" in _css(driver, "#preview-yaml").text
+    # Data: `chattune data preview` on the form's config, the trained tokens (end of turn too) marked.
+    _css(driver, 'button[data-command="preview"]').click()
+    wait_for(
+        lambda: _css(driver, "#data-output").get_attribute("data-done") == "preview", 120, "the data preview"
+    )
+    marks = driver.find_elements("css selector", "#data-output mark")
+    assert len(marks) == 5 and all(m.text.endswith("<|im_end|>") for m in marks)
     _css(driver, "#start").click()
 
     # Live: loss points arrive over server-sent events while `chattune train` runs.

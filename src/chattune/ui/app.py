@@ -188,6 +188,31 @@ def build_app(
         config_from_dict(tree, "uploaded YAML")  # an unknown key or bad value is named now, by its field
         return {"values": schema.values_from_tree(tree)}
 
+    data_lock = asyncio.Lock()  # one data command at a time: each loads a tokenizer and reads the data
+
+    @app.post("/api/data")
+    async def data_command(request: Request):
+        body = await _json_body(request)
+        tree = schema.to_tree(body.get("values"))
+        async with data_lock:
+            return await asyncio.to_thread(launch.run_data_command, tree, runs_dir, str(body.get("command")))
+
+    configs_dir = Path.cwd() / "configs"  # a checkout's shipped configs, when the UI runs in one
+
+    @app.get("/api/configs")
+    async def shipped_configs():
+        return sorted(p.name for p in configs_dir.glob("*.yaml")) if configs_dir.is_dir() else []
+
+    @app.get("/api/configs/{name}")
+    async def shipped_config(name: str):
+        if name not in await shipped_configs():  # only a listed name: never a path
+            raise HTTPProblem(404, f"no config {name[:100]!r} in {configs_dir}", "name")
+        from chattune.config import _resolve_relative
+
+        tree = yaml.safe_load((configs_dir / name).read_text(encoding="utf-8")) or {}
+        # Its paths are relative to the config file, as `chattune train` reads them.
+        return {"values": schema.values_from_tree(_resolve_relative(tree, configs_dir))}
+
     @app.get("/api/runs")
     async def list_runs():
         launch.reap()

@@ -8,6 +8,7 @@ interrupted); Resume runs the run's own config.yaml with `--resume` and lets the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -21,8 +22,9 @@ import yaml
 
 from chattune.config import _resolve_relative, check_output_dir, config_from_dict
 from chattune.errors import ChattuneError, ConfigError
-from chattune.ui.runs import check_run_id, launch_dir, pid_is_training, read_launch, run_state
+from chattune.ui.runs import UI_DIR, check_run_id, launch_dir, pid_is_training, read_launch, run_state
 
+UI_DATA_DIR = f"{UI_DIR}/data"  # the configs the Data panel's commands ran on
 # Children this UI process started, by run id: polled so that a finished one is reaped, not a zombie.
 _CHILDREN: dict[str, subprocess.Popen] = {}
 
@@ -135,6 +137,45 @@ def _spawn(
     tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, folder / "launch.json")
     return {"id": run_id, "pid": child.pid, "command": shown}
+
+
+DATA_COMMANDS = {  # the Data panel's buttons: `chattune data ...` on the form's config
+    "check": ["check"],
+    "stats": ["stats"],
+    "preview": ["preview", "-n", "5", "--color", "never"],
+}
+
+
+def run_data_command(tree: dict, runs_dir: Path, command: str, timeout_s: float = 600) -> dict:
+    """Run `chattune data check|stats|preview` on the form's config (written to the UI's folder) and
+    return its command line, exit code and output (stdout and stderr, in order). The data commands need
+    only the tokenizer. Raises ConfigError for a bad form and Refused for an unknown command."""
+    if command not in DATA_COMMANDS:
+        raise ConfigError("command", f"use one of {', '.join(DATA_COMMANDS)}")
+    text, _ = check_tree(tree, runs_dir)
+    folder = runs_dir / UI_DATA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"data-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    config_path.write_text(text, encoding="utf-8")
+    extra = DATA_COMMANDS[command]
+    argv = [sys.executable, "-m", "chattune.cli", "data", extra[0], str(config_path), *extra[1:]]
+    shown = shlex.join(["chattune", "data", extra[0], str(config_path), *extra[1:]])
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise Refused(f"`{shown}` took longer than {timeout_s:.0f} s; run it in a shell") from None
+    return {
+        "command": shown,
+        "exit_code": done.returncode,
+        "output": done.stdout.decode("utf-8", errors="replace"),
+    }
 
 
 def stop_run(runs_dir: Path, run_id: str) -> dict:

@@ -164,9 +164,10 @@ function showFieldError(err) {
 async function showNew(arg) {
   if (!SCHEMA) { SCHEMA = await api("/api/schema"); buildForm(); }
   const meta = await api("/api/meta");
-  const runs = await api("/api/runs");
+  const runs = await api("/api/runs"), shipped = await api("/api/configs");
   const from = $("#start-from");
   from.replaceChildren(el("option", { value: "", text: t("new.defaults") }),
+    ...shipped.map((name) => el("option", { value: "configs/" + name, text: `configs/${name}` })),
     ...runs.filter((r) => r.model).map((r) => el("option", { value: r.id, text: `${t("new.previous")} ${r.id}` })));
   setValues({ "train.output_dir": meta.default_output_dir });
   if (arg) { from.value = arg; await loadFrom(arg, meta); }
@@ -175,7 +176,8 @@ async function showNew(arg) {
 }
 async function loadFrom(id, meta) {
   try {
-    const values = id ? (await api(`/api/runs/${id}/config`)).values : {};
+    const path = id.startsWith("configs/") ? `/api/configs/${encodeURIComponent(id.slice(8))}` : `/api/runs/${id}/config`;
+    const values = id ? (await api(path)).values : {};
     setValues({ ...values, "train.output_dir": (meta || (await api("/api/meta"))).default_output_dir });
     showFieldError(null);
   } catch (e) { showFieldError(e); }
@@ -205,6 +207,29 @@ $("#start").addEventListener("click", async () => {
     location.hash = `#/run/${encodeURIComponent(r.id)}`;
   } catch (e) { showFieldError(e); }
 });
+
+// ---- Data: `chattune data check | stats | preview` on the form's config; trained tokens highlighted ----
+function showDataOutput(text) {
+  const out = $("#data-output");
+  out.replaceChildren();
+  for (const [k, part] of text.split(/\[\[|\]\]/).entries()) out.append(k % 2 ? el("mark", { text: part }) : document.createTextNode(part));
+  out.hidden = false;
+}
+for (const b of document.querySelectorAll("button.data-cmd")) {
+  b.addEventListener("click", async () => {
+    for (const x of document.querySelectorAll("button.data-cmd")) x.disabled = true;
+    $("#data-output").dataset.done = "";
+    try {
+      const r = await api("/api/data", { json: { values: formValues(), command: b.dataset.command } });
+      $("#data-command").textContent = `$ ${r.command}   (exit ${r.exit_code})`;
+      $("#data-command").hidden = false;
+      showDataOutput(r.output.replace(/^\(trained tokens are shown \[\[like this\]\]\)$/m, t("data.marked")));
+      $("#data-output").dataset.done = b.dataset.command;
+      showFieldError(null);
+    } catch (e) { showFieldError(e); }
+    for (const x of document.querySelectorAll("button.data-cmd")) x.disabled = false;
+  });
+}
 
 // ---- Run page: server-sent events from /api/runs/<id>/events ----
 const CHARTS = [
