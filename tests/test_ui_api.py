@@ -339,3 +339,24 @@ def test_shipped_configs_load_into_the_form(runs_dir, monkeypatch):
     assert Path(values["data.train_path"]).is_absolute()  # relative to the config file, as train reads it
     for bad in ("..%2Fpyproject.toml", "%2Fetc%2Fpasswd", "nope.yaml"):
         assert c.get(f"/api/configs/{bad}").status_code == 404
+
+
+def test_run_state_records_how_a_run_ended(tmp_path):
+    import os
+
+    from chattune.rundir import read_run_state, recording_end_state, write_run_state
+
+    for error, state in [(ValueError("diverged"), "failed"), (KeyboardInterrupt(), "interrupted")]:
+        with pytest.raises(type(error)), recording_end_state(tmp_path):
+            write_run_state(tmp_path, "running")  # what open_run_dir writes once the run directory exists
+            raise error
+        recorded = read_run_state(tmp_path)
+        assert recorded["state"] == state and recorded["pid"] == os.getpid()
+    assert read_run_state(tmp_path)["state"] == "interrupted" and "error" not in read_run_state(tmp_path)
+    write_run_state(tmp_path, "running")
+    (tmp_path / "run_state.json").write_text('{"state": "running", "pid": 1, "time": 0}')  # another process's
+    with pytest.raises(ValueError), recording_end_state(tmp_path):
+        raise ValueError("not ours")
+    assert read_run_state(tmp_path) == {"state": "running", "pid": 1, "time": 0}  # left alone
+    with pytest.raises(ValueError, match="not one of"):
+        write_run_state(tmp_path, "half-done")

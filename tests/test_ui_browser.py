@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO, write_huanhuan_slice
 from ui_runs import child_env, form_values, shell_run, wait_for
+
+from chattune.ui.launch import cli_argv
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(os.environ.get("CHATTUNE_UI_SCREENSHOTS") or REPO / "test-artifacts" / "ui")
@@ -79,7 +80,7 @@ def ui(tmp_path_factory):
     log = work / "ui.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chattune.cli", "ui", "--port", str(port), "--runs-dir", str(runs_dir)],
+            cli_argv("ui", "--port", str(port), "--runs-dir", str(runs_dir)),
             env=child_env(),
             cwd=work,
             stdout=out,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from conftest import REPO, write_huanhuan_slice
+
+from chattune.ui.launch import cli_argv
 
 SRC = REPO / "src"
 
@@ -50,7 +51,7 @@ def shell_run(runs_dir: Path, name: str, *, max_steps: int = 2) -> Path:
     config = runs_dir.parent / f"{name}.yaml"
     config.write_text(json.dumps(tree), encoding="utf-8")  # JSON is YAML
     subprocess.run(
-        [sys.executable, "-m", "chattune.cli", "train", str(config)],
+        cli_argv("train", str(config)),
         env=child_env(),
         check=True,
         capture_output=True,

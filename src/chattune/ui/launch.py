@@ -9,6 +9,7 @@ interrupted); Resume runs the run's own config.yaml with `--resume` and lets the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -39,10 +40,16 @@ def reap() -> None:
             del _CHILDREN[run_id]
 
 
+def cli_argv(*args: str) -> list[str]:
+    """`chattune ARGS...` as a process of this Python (so the UI's environment trains), through
+    `python -m chattune` where the package has a __main__, else the cli module."""
+    module = "chattune" if importlib.util.find_spec("chattune.__main__") else "chattune.cli"
+    return [sys.executable, "-m", module, *args]
+
+
 def train_argv(config_path: Path, *extra: str) -> tuple[list[str], str]:
-    """The process to spawn (this Python, so the UI's environment trains) and the command as the user
-    would type it in a shell."""
-    argv = [sys.executable, "-m", "chattune.cli", "train", str(config_path), *extra]
+    """The process to spawn and the command as the user would type it in a shell."""
+    argv = cli_argv("train", str(config_path), *extra)
     return argv, shlex.join(["chattune", "train", str(config_path), *extra])
 
 
@@ -158,7 +165,7 @@ def run_data_command(tree: dict, runs_dir: Path, command: str, timeout_s: float 
     config_path = folder / f"data-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     config_path.write_text(text, encoding="utf-8")
     extra = DATA_COMMANDS[command]
-    argv = [sys.executable, "-m", "chattune.cli", "data", extra[0], str(config_path), *extra[1:]]
+    argv = cli_argv("data", extra[0], str(config_path), *extra[1:])
     shown = shlex.join(["chattune", "data", extra[0], str(config_path), *extra[1:]])
     try:
         done = subprocess.run(
