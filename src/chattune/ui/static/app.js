@@ -17,10 +17,12 @@ const el = (tag, attrs = {}, ...kids) => {
 // ---- languages: English and Chinese from i18n.json; the browser's language first, then the toggle ----
 let STRINGS = {}, LANG = "en";
 const t = (key) => (STRINGS[LANG] && STRINGS[LANG][key]) || STRINGS.en[key] || key;
+const LANG_HOOKS = {}; // texts drawn from data (states, chart titles, the system prompt line), redrawn on a switch
 function applyLang() {
   document.documentElement.lang = LANG === "zh" ? "zh-CN" : "en";
   for (const e of document.querySelectorAll("[data-i18n]")) e.textContent = t(e.dataset.i18n);
   $("#lang-toggle").textContent = LANG === "zh" ? "English" : "中文";
+  for (const hook of Object.values(LANG_HOOKS)) hook();
 }
 $("#lang-toggle").addEventListener("click", () => {
   LANG = LANG === "zh" ? "en" : "zh";
@@ -301,6 +303,15 @@ function drawSamples() {
     el("td", { text: p.reference || "" }), el("td", { class: "answer", text: p.prediction || "" }))));
 }
 function drawHead(ev) {
+  LANG_HOOKS.run = () => {
+    if (!RUN || RUN.lastEvent !== ev) return;
+    drawHead(ev);
+    for (const p of Object.values(RUN.plots)) p.plot.destroy();
+    RUN.plots = {};
+    for (const h of document.querySelectorAll("#charts .chart")) h.replaceChildren();
+    drawCharts();
+  };
+  RUN.lastEvent = ev;
   const o = ev.overview;
   RUN.state = o.state;
   const st = $("#run-state");
@@ -376,7 +387,10 @@ async function showChat(arg) {
 async function showSystem(id) {
   try {
     const info = await api(`/api/chat/${id}/info`);
-    $("#chat-system").textContent = info.system ? `${t("chat.system")}: ${info.system}` : info.template_default ? `${t("chat.templatesystem")}: ${info.template_default}` : t("chat.nosystem");
+    LANG_HOOKS.chat = () => {
+      $("#chat-system").textContent = info.system ? `${t("chat.system")}: ${info.system}` : info.template_default ? `${t("chat.templatesystem")}: ${info.template_default}` : t("chat.nosystem");
+    };
+    LANG_HOOKS.chat();
   } catch (e) { showError($("#chat-error"), e); }
 }
 $("#chat-run").addEventListener("change", (ev) => showSystem(ev.target.value));
