@@ -11,15 +11,17 @@ import inspect
 import json
 import re
 import shutil
+import subprocess
 import typing
 from pathlib import Path
 
 import pytest
-from ui_runs import form_values, shell_run, train_rows, wait_for
+from ui_runs import child_env, form_values, shell_run, train_rows, wait_for
 
 from chattune.config import Config
 from chattune.ui import schema
 from chattune.ui.app import STATIC, build_app
+from chattune.ui.launch import cli_argv
 
 BASE = "http://127.0.0.1:7860"
 
@@ -287,6 +289,21 @@ def test_a_run_from_the_shell_shows_up_the_same_and_chats(client, runs_dir, one_
     page = client.get("/api/compare", params=[("id", "shell"), ("id", "shell-copy")])
     assert page.status_code == 200 and "shell-copy" in page.text
     assert client.get("/api/compare", params=[("id", "shell")]).status_code == 422
+    # The GGUF size shown: the weights' bytes (a real export's file minus the same tokenizer and metadata
+    # bytes for every type, up to the 32-byte alignment of each tensor).
+    overhead = set()
+    for dtype in ("f16", "q8_0"):
+        estimate = client.get("/api/runs/shell/gguf-size", params={"dtype": dtype}).json()["bytes"]
+        gguf = runs_dir.parent / f"shell-{dtype}.gguf"
+        subprocess.run(
+            cli_argv("export", str(run / "adapter"), "--output", str(gguf), "--dtype", dtype),
+            env=child_env(),
+            check=True,
+            capture_output=True,
+        )
+        overhead.add(gguf.stat().st_size - estimate)
+    assert max(overhead) - min(overhead) < 32 * 30 and 0 < min(overhead) < 8 * 2**20
+    assert client.get("/api/runs/shell/gguf-size", params={"dtype": "q4"}).status_code == 422
     values = client.get("/api/runs/shell/config").json()["values"]
     assert values["train.max_steps"] == "2" and values["train.output_dir"] == str(run)
     # Chat: base and fine-tune, streamed as server-sent events.

@@ -217,7 +217,9 @@ def test_the_whole_job_in_a_real_browser(browser, ui, one_torch_thread):
     _css(driver, "#lang-toggle").click()
     assert _css(driver, 'nav a[data-tab="runs"]').text == "运行"
     assert _css(driver, "#view-chat h1").text == "对话"
-    assert _css(driver, "#chat-system").text.startswith("训练时没有系统提示词")  # drawn from data, redrawn too
+    assert _css(driver, "#chat-system").text.startswith(
+        "训练时没有系统提示词"
+    )  # drawn from data, redrawn too
     _shot(driver, "chat-zh")
     driver.execute_script("localStorage.clear()")
     driver.execute_cdp_cmd("Emulation.setLocaleOverride", {"locale": "zh-CN"})

@@ -250,6 +250,17 @@ def build_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @app.get("/api/runs/{run_id:path}/gguf-size")
+    async def gguf_size(run_id: str, dtype: str = "f16"):
+        from chattune.export import DTYPES
+
+        if dtype not in DTYPES:
+            raise HTTPProblem(422, f"dtype: use one of {', '.join(DTYPES)}", "dtype")
+        return {
+            "dtype": dtype,
+            "bytes": await asyncio.to_thread(runs.gguf_size_estimate, _adapter(run_id).parent, dtype),
+        }
+
     @app.get("/runs/{run_id:path}/report.html")
     async def report(run_id: str):
         path = _existing(run_id) / "report.html"

@@ -269,12 +269,36 @@ def progress(config: dict, train_rows: list[dict], started: float | None) -> dic
     return {"fraction": fraction, "eta_s": eta}
 
 
-def run_files_mtime(run_dir: Path) -> float:
-    """Latest change of what the run page shows (for the live view's polling)."""
-    times = []
-    for name in ("metrics.jsonl", "predictions.jsonl", "run_state.json", "summary.json", "config.yaml"):
+def gguf_size_estimate(run_dir: Path, dtype: str) -> int | None:
+    """Bytes of the weights `chattune export <run>/adapter --dtype DTYPE` writes: the base model's tensors
+    (read from its safetensors headers; LoRA merges in place, shapes unchanged), each at the type export
+    gives it (`export._tensor_type`: f32 norms, q8_0 only for rows of whole blocks). The tokenizer,
+    metadata and the tensors' 32-byte alignment add the rest (6 MB for Qwen2.5's vocabulary).
+    None when the base model's files cannot be read."""
+    import struct
+
+    import numpy as np
+    from gguf.quants import quant_shape_to_byte_shape
+
+    from chattune.export import _tensor_type
+
+    info = _read_json(run_dir / "adapter" / "inference.json")
+    base = info.get("base_model_path")
+    files = sorted(Path(base).glob("*.safetensors")) if isinstance(base, str) else []
+    if not files:
+        return None
+    total = 0
+    for path in files:
         try:
-            times.append(os.stat(run_dir / name).st_mtime_ns)
-        except OSError:
-            pass
-    return max(times, default=0)
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size)) if size < 100 * 2**20 else None
+        except (OSError, ValueError, struct.error):
+            return None
+        if not isinstance(header, dict):
+            return None
+        for name, meta in header.items():
+            if name != "__metadata__":
+                shape = tuple(meta["shape"])
+                total += int(np.prod(quant_shape_to_byte_shape(shape, _tensor_type(shape, dtype))))
+    return total

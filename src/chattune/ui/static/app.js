@@ -343,6 +343,9 @@ function drawExport() { // the CLI commands that merge, export and run the adapt
     `ollama create ${name} -f ${gguf.replace(/\.gguf$/, ".Modelfile")}`,
     `llama-cli -m ${gguf} --jinja`,
   ].join("\n");
+  api(`/api/runs/${RUN.id}/gguf-size?dtype=${dtype}`).then((r) => {
+    $("#export-size").textContent = r.bytes ? `${t("run.ggufsize")}: ${(r.bytes / 2 ** 20).toFixed(1)} MiB (${t("run.ggufplus")})` : "";
+  }).catch(() => { $("#export-size").textContent = ""; });
 }
 $("#export-dtype").addEventListener("change", () => RUN && drawExport());
 function showRun(id) {
