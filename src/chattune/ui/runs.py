@@ -88,8 +88,8 @@ def read_launch(runs_dir: Path, run_id: str) -> dict | None:
 
 
 def pid_is_training(pid: Any) -> bool:
-    """Whether `pid` is a live (not zombie) `chattune train` process: a pid read from a file is never
-    trusted to be ours (it may have been reused)."""
+    """Whether `pid` is a live (not zombie) chattune process that trains (`chattune train`, `demo` or
+    `sweep`): a pid read from a file is never trusted to be ours (it may have been reused)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -99,7 +99,9 @@ def pid_is_training(pid: Any) -> bool:
         return False
     if "\nState:\tZ" in status:
         return False
-    return any(b"chattune" in part for part in cmdline) and b"train" in cmdline
+    return any(b"chattune" in part for part in cmdline) and any(
+        c in cmdline for c in (b"train", b"demo", b"sweep")
+    )
 
 
 def run_state(run_dir: Path, launch: dict | None) -> tuple[str, str]:

@@ -297,15 +297,24 @@ function drawEvals() {
   $("#eval-table thead").replaceChildren(el("tr", {}, el("th", { text: t("run.tag") }), el("th", { text: "step" }), ...keys.map((k) => el("th", { text: k }))));
   $("#eval-table tbody").replaceChildren(...list.map((r) => el("tr", {}, el("td", { text: r.tag || "" }), el("td", { text: fmt(r.step) }), ...keys.map((k) => el("td", { text: fmt(r[k]) })))));
 }
-function drawSamples() {
-  $("#samples-table tbody").replaceChildren(...RUN.predictions.map((p) => el("tr", {},
-    el("td", { text: p.tag || `step ${p.step}` }), el("td", { text: p.prompt || "" }),
-    el("td", { text: p.reference || "" }), el("td", { class: "answer", text: p.prediction || "" }))));
+function drawSamples() { // one row per prompt: its reference, then the answer at each evaluation, in order
+  const tags = [], rows = new Map();
+  for (const p of RUN.predictions) {
+    const tag = p.tag || `step ${p.step}`;
+    if (!tags.includes(tag)) tags.push(tag);
+    const key = p.prompt || "";
+    if (!rows.has(key)) rows.set(key, { reference: p.reference || "", answers: {} });
+    rows.get(key).answers[tag] = p.prediction || "";
+  }
+  $("#samples-table thead").replaceChildren(el("tr", {}, el("th", { text: t("run.prompt") }), el("th", { text: t("run.reference") }), ...tags.map((tag) => el("th", { text: tag }))));
+  $("#samples-table tbody").replaceChildren(...[...rows].map(([prompt, r]) => el("tr", {},
+    el("td", { text: prompt }), el("td", { text: r.reference }),
+    ...tags.map((tag) => el("td", { class: "answer", text: r.answers[tag] ?? "" })))));
 }
 function drawHead(ev) {
   LANG_HOOKS.run = () => {
     if (!RUN || RUN.lastEvent !== ev) return;
-    drawHead(ev);
+    drawHead(ev); drawEvals(); drawSamples();
     for (const p of Object.values(RUN.plots)) p.plot.destroy();
     RUN.plots = {};
     for (const h of document.querySelectorAll("#charts .chart")) h.replaceChildren();
