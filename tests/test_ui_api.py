@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -236,6 +237,9 @@ def test_start_stream_stop_resume_a_real_run(client, runs_dir, tmp_path):
     r = client.post("/api/runs", json={"values": values})
     assert r.status_code == 201, r.text
     assert r.json()["command"] == f"chattune train {runs_dir / '.chattune-ui' / 'live' / 'config.yaml'}"
+    assert (
+        os.getsid(r.json()["pid"]) == r.json()["pid"]
+    )  # its own session: stopping the UI leaves it training
     again = client.post("/api/runs", json={"values": values})
     assert again.status_code == 409 and "stop it first" in again.json()["error"]
     # Live: the stream delivers the loss points as the run writes them.
@@ -359,7 +363,6 @@ def test_shipped_configs_load_into_the_form(runs_dir, monkeypatch):
 
 
 def test_run_state_records_how_a_run_ended(tmp_path):
-    import os
 
     from chattune.rundir import read_run_state, recording_end_state, write_run_state
 

@@ -216,7 +216,13 @@ def build_app(
     @app.get("/api/runs")
     async def list_runs():
         launch.reap()
-        return [runs.run_overview(runs_dir, r) for r in runs.list_run_ids(runs_dir)]
+        rows = []
+        for run_id in runs.list_run_ids(runs_dir):
+            try:
+                rows.append(runs.run_overview(runs_dir, run_id))
+            except runs.PathRefused:  # a folder the UI would not serve is not listed either
+                continue
+        return rows
 
     @app.post("/api/runs", status_code=201)
     async def start(request: Request):
