@@ -363,7 +363,6 @@ def test_shipped_configs_load_into_the_form(runs_dir, monkeypatch):
 
 
 def test_run_state_records_how_a_run_ended(tmp_path):
-
     from chattune.rundir import read_run_state, recording_end_state, write_run_state
 
     for error, state in [(ValueError("diverged"), "failed"), (KeyboardInterrupt(), "interrupted")]:
