@@ -1,7 +1,7 @@
 """`chattune ui`: the whole job in a browser, a client of the CLI and the run directory.
 
 schema (the form, from the config dataclasses) -> launch (`chattune train` processes) -> runs (what the
-run directories hold) -> app (FastAPI: page, JSON API, server-sent events) ; chat (the Chat tab).
+run directories hold) -> live (server-sent events) -> app (FastAPI: page, JSON API); chat (the Chat tab).
 Importing this package is light: the web app loads only when the command runs.
 """
 

@@ -3,7 +3,7 @@
 browser --GET /--> static page (every asset from the package: no CDN, font or analytics)
         --/api/schema, /api/config/check--> the form from the config dataclasses, checked by the config
         --POST /api/runs--> launch.start_run --> `chattune train` process --> run directory
-        <--/api/runs/{id}/events (server-sent events)-- runs.Tail over metrics.jsonl / predictions.jsonl
+        <--/api/runs/{id}/events (server-sent events, live.py)-- what the run directory gains
 Bad requests get 4xx with {"error", "field"}; nothing outside the runs directory is served.
 """
 
@@ -17,7 +17,6 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,10 +26,10 @@ from fastapi.staticfiles import StaticFiles
 
 from chattune.errors import ChattuneError, ConfigError
 from chattune.ui import launch, runs, schema
+from chattune.ui.live import event_stream, first_or_error, sse_pieces
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 2 * 2**20  # an uploaded YAML or a chat: far below this
-POLL_S = 0.5
 CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
@@ -251,7 +250,7 @@ def build_app(
     async def events(run_id: str, request: Request):
         run_dir = _existing(run_id)
         return StreamingResponse(
-            _event_stream(runs_dir, run_id, run_dir, request),
+            event_stream(runs_dir, run_id, run_dir, request),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -311,10 +310,9 @@ def build_app(
             raise HTTPProblem(422, "max_new_tokens: expected an integer in [1, 4096]", "max_new_tokens")
         adapter = _adapter(run_id)
         pieces = stream_answer(adapter, messages, base=base, max_new_tokens=max_new)
-        first = await asyncio.to_thread(
-            _first_or_error, pieces
-        )  # a bad conversation is a 4xx, not a cut stream
-        return StreamingResponse(_sse_pieces(first, pieces), media_type="text/event-stream")
+        # A bad conversation is a 4xx, not a stream cut short.
+        first = await asyncio.to_thread(first_or_error, pieces)
+        return StreamingResponse(sse_pieces(first, pieces), media_type="text/event-stream")
 
     def _existing(run_id: str) -> Path:
         run_dir = runs.check_run_id(runs_dir, run_id)
@@ -338,93 +336,6 @@ def _free_output_dir(runs_dir: Path) -> str:
         k += 1
         name = f"run-{stamp}-{k}"
     return str(runs_dir / name)
-
-
-def _first_or_error(pieces):
-    return next(pieces, None)
-
-
-async def _sse_pieces(first, pieces):
-    def send(event: dict) -> str:
-        return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-
-    sentinel = object()
-    event = first
-    try:
-        while event is not None:
-            yield send(event)
-            event = await asyncio.to_thread(next, pieces, sentinel)
-            if event is sentinel:
-                break
-    except ChattuneError as e:
-        yield send({"error": str(e)})
-    finally:
-        pieces.close()
-
-
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)}\n\n"
-
-
-def _clean(rows: list[dict]) -> list[dict]:
-    # JSON has no NaN / Infinity: a diverged loss is sent as null (the page shows a gap, the files keep it).
-    def fix(v):
-        return None if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))) else v
-
-    return [{k: fix(v) for k, v in row.items()} for row in rows]
-
-
-async def _event_stream(runs_dir: Path, run_id: str, run_dir: Path, request: Request):
-    """A snapshot of the run (everything written so far), then updates as files grow; ends a little after
-    the run does. A reload or a second tab gets its own snapshot: nothing is kept per page."""
-    metrics, preds = runs.Tail(run_dir / "metrics.jsonl"), runs.Tail(run_dir / "predictions.jsonl")
-    log_path = runs.launch_dir(runs_dir, run_id) / "train.log"
-    train_rows: list[dict] = []
-    kind, last_log, last_overview, ended_at = "snapshot", None, None, None
-    yield "retry: 1000\n\n"
-    while not await request.is_disconnected():
-        new_m, new_p = metrics.read(), preds.read()
-        if metrics.reset or preds.reset:  # a resume rewrote the files: start the page over
-            metrics.offset = preds.offset = 0
-            new_m, new_p, train_rows, kind = metrics.read(), preds.read(), [], "snapshot"
-        train_rows += [r for r in new_m if any(k.startswith("train/") for k in r)]
-        overview = runs.run_overview(runs_dir, run_id)
-        log = runs.read_log_tail(log_path)
-        if kind == "snapshot" or new_m or new_p or log != last_log or overview != last_overview:
-            config = runs.read_config_tree(run_dir)
-            started = _started(run_dir)
-            payload = {
-                "kind": kind,
-                "metrics": _clean(new_m),
-                "predictions": new_p,
-                "overview": overview,
-                "log": log,
-                "progress": runs.progress(config, train_rows, started),
-                "tracker": runs.tracker_location(config, run_dir),
-            }
-            if kind == "snapshot":
-                launch_record = runs.read_launch(runs_dir, run_id) or {}
-                payload["command"] = launch_record.get("command")
-                payload["config_yaml"] = (
-                    (run_dir / "config.yaml").read_text(encoding="utf-8")
-                    if (run_dir / "config.yaml").is_file()
-                    else None
-                )
-            yield _sse("run", payload)
-            kind, last_log, last_overview = "update", log, overview
-        if overview["state"] in ("finished", "interrupted", "failed"):
-            ended_at = ended_at or time.monotonic()
-            if time.monotonic() - ended_at > 2.0:  # the report is written just after the state
-                yield _sse("end", {"state": overview["state"]})
-                return
-        await asyncio.sleep(POLL_S)
-
-
-def _started(run_dir: Path) -> float | None:
-    from chattune.rundir import read_run_state
-
-    recorded = read_run_state(run_dir)
-    return recorded.get("time") if recorded and recorded["state"] == "running" else None
 
 
 def run_ui(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None) -> None:
