@@ -379,3 +379,28 @@ def test_run_state_records_how_a_run_ended(tmp_path):
     assert read_run_state(tmp_path) == {"state": "running", "pid": 1, "time": 0}  # left alone
     with pytest.raises(ValueError, match="not one of"):
         write_run_state(tmp_path, "half-done")
+
+
+def test_upload_a_data_file(client, runs_dir):
+    body = '{"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"}\n'.encode()
+    r = client.post("/api/upload", params={"name": "甄嬛 data.jsonl"}, content=body)
+    assert r.status_code == 201 and r.json()["bytes"] == len(body)
+    path = Path(r.json()["path"])
+    assert path == runs_dir / ".chattune-ui" / "uploads" / "甄嬛 data.jsonl" and path.read_bytes() == body
+    again = client.post("/api/upload", params={"name": "甄嬛 data.jsonl"}, content=b"[]")
+    assert (
+        Path(again.json()["path"]).name == "甄嬛 data-2.jsonl" and path.read_bytes() == body
+    )  # never overwritten
+    for name in ("../x.json", "/etc/x.json", ".hidden.json", "a.py", "a/b.json", ""):
+        r = client.post("/api/upload", params={"name": name}, content=b"[]")
+        assert r.status_code == 422 and r.json()["field"] == "name", name
+    assert sorted(p.name for p in path.parent.iterdir()) == ["甄嬛 data-2.jsonl", "甄嬛 data.jsonl"]
+
+
+def test_an_upload_too_large_is_a_413_and_leaves_nothing(client, runs_dir, monkeypatch):
+    import chattune.ui.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_UPLOAD_BYTES", 10)
+    r = client.post("/api/upload", params={"name": "big.json"}, content=b"[" + b"1," * 50 + b"1]")
+    assert r.status_code == 413 and "path instead" in r.json()["error"]
+    assert list((runs_dir / ".chattune-ui" / "uploads").iterdir()) == []

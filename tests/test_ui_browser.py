@@ -162,6 +162,12 @@ def test_the_whole_job_in_a_real_browser(browser, ui, one_torch_thread):
     data = write_huanhuan_slice(work, 20)
     for key, text in form_values(data, runs_dir / "from-form", max_steps=500).items():
         _type(driver, key, text)
+    # The data file goes through the page's upload: data.train_path becomes the uploaded copy.
+    _css(driver, "#data-upload").send_keys(str(data))
+    uploaded = str(runs_dir / ".chattune-ui" / "uploads" / data.name)
+    wait_for(
+        lambda: _css(driver, '[id="f-data.train_path"]').get_attribute("value") == uploaded, 30, "the upload"
+    )
     _type(driver, "train.lr", "abc")
     _css(driver, "#check").click()
     error = _css(driver, '[data-error-for="train.lr"]')

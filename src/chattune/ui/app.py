@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -35,6 +36,9 @@ CSP = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+UPLOAD_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # what data.train_path reads as a file
+UPLOAD_NAME = re.compile(r"[\w\u4e00-\u9fff][\w\u4e00-\u9fff .+-]{0,150}")  # a plain file name, CJK allowed
+MAX_UPLOAD_BYTES = 1024 * 2**20
 logger = logging.getLogger("chattune.ui")
 
 
@@ -186,6 +190,36 @@ def build_app(
 
         config_from_dict(tree, "uploaded YAML")  # an unknown key or bad value is named now, by its field
         return {"values": schema.values_from_tree(tree)}
+
+    @app.post("/api/upload", status_code=201)
+    async def upload(request: Request):
+        """A data file from the page, saved as <runs>/.chattune-ui/uploads/<name> (a new name if taken)."""
+        name = request.query_params.get("name", "")
+        if not UPLOAD_NAME.fullmatch(name) or Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
+            raise HTTPProblem(
+                422, f"name: a file name ending {' / '.join(UPLOAD_SUFFIXES)}, got {name[:80]!r}", "name"
+            )
+        folder = runs_dir / runs.UI_DIR / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        path, k = folder / name, 1
+        while path.exists():
+            k += 1
+            path = folder / f"{Path(name).stem}-{k}{Path(name).suffix}"
+        tmp, size = folder / f".{path.name}.part", 0
+        try:
+            with open(tmp, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise HTTPProblem(
+                            413,
+                            f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB; give its path instead",
+                        )
+                    f.write(chunk)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"path": str(path), "bytes": size}
 
     data_lock = asyncio.Lock()  # one data command at a time: each loads a tokenizer and reads the data
 

@@ -217,6 +217,17 @@ function showDataOutput(text) {
   for (const [k, part] of text.split(/\[\[|\]\]/).entries()) out.append(k % 2 ? el("mark", { text: part }) : document.createTextNode(part));
   out.hidden = false;
 }
+$("#data-upload").addEventListener("change", async (ev) => {
+  const file = ev.target.files[0];
+  if (!file) return;
+  try {
+    const r = await fetch(`/api/upload?name=${encodeURIComponent(file.name)}`, { method: "POST", headers: { "Content-Type": "application/octet-stream" }, body: file });
+    const body = await r.json();
+    if (!r.ok) throw Object.assign(new Error(body.error), { field: body.field });
+    document.getElementById("f-data.train_path").value = body.path;
+    showFieldError(null);
+  } catch (e) { showFieldError(e); }
+});
 for (const b of document.querySelectorAll("button.data-cmd")) {
   b.addEventListener("click", async () => {
     for (const x of document.querySelectorAll("button.data-cmd")) x.disabled = true;
