@@ -404,3 +404,15 @@ def test_an_upload_too_large_is_a_413_and_leaves_nothing(client, runs_dir, monke
     r = client.post("/api/upload", params={"name": "big.json"}, content=b"[" + b"1," * 50 + b"1]")
     assert r.status_code == 413 and "path instead" in r.json()["error"]
     assert list((runs_dir / ".chattune-ui" / "uploads").iterdir()) == []
+
+
+def test_a_run_that_fails_before_training_shows_failed_with_its_log(client, runs_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": \n', encoding="utf-8")
+    r = client.post("/api/runs", json={"values": form_values(bad, runs_dir / "bad", max_steps=2)})
+    assert r.status_code == 201
+    wait_for(lambda: client.get("/api/runs").json()[0]["state"] == "failed", 120, "the failed state")
+    seen = _events(client, "bad", lambda s: False)
+    assert seen["ended"] == "failed" and "see the log" in seen["overview"]["why"]
+    assert f"error: {bad}:2" in seen["log"]  # the CLI's one-line message, naming the file and line
+    assert not (runs_dir / "bad").exists()  # nothing half-written
