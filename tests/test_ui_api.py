@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from ui_runs import child_env, form_values, shell_run, train_rows, wait_for
 
-from chattune.config import Config
+from chattune.config.schema import Config
 from chattune.ui import schema
 from chattune.ui.app import STATIC, build_app
 from chattune.ui.launch import cli_argv
@@ -363,7 +363,7 @@ def test_shipped_configs_load_into_the_form(runs_dir, monkeypatch):
 
 
 def test_run_state_records_how_a_run_ended(tmp_path):
-    from chattune.rundir import read_run_state, recording_end_state, write_run_state
+    from chattune.train.rundir import read_run_state, recording_end_state, write_run_state
 
     for error, state in [(ValueError("diverged"), "failed"), (KeyboardInterrupt(), "interrupted")]:
         with pytest.raises(type(error)), recording_end_state(tmp_path):

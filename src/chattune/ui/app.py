@@ -25,7 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
+from chattune.files import atomic_path
 from chattune.ui import launch, runs, schema
 from chattune.ui.live import event_stream, first_or_error, sse_pieces
 
@@ -186,7 +188,7 @@ def build_app(
             raise HTTPProblem(422, f"(file): not valid YAML: {getattr(e, 'problem', e)}", "(file)") from None
         if not isinstance(tree, dict):
             raise HTTPProblem(422, "(file): the top level must be a mapping of sections", "(file)")
-        from chattune.config import config_from_dict
+        from chattune.config.load import config_from_dict
 
         config_from_dict(tree, "uploaded YAML")  # an unknown key or bad value is named now, by its field
         return {"values": schema.values_from_tree(tree)}
@@ -205,20 +207,15 @@ def build_app(
         while path.exists():
             k += 1
             path = folder / f"{Path(name).stem}-{k}{Path(name).suffix}"
-        tmp, size = folder / f".{path.name}.part", 0
-        try:
-            with open(tmp, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > MAX_UPLOAD_BYTES:
-                        raise HTTPProblem(
-                            413,
-                            f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB; give its path instead",
-                        )
-                    f.write(chunk)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        size = 0
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a failed upload leaves nothing
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_UPLOAD_BYTES:
+                    raise HTTPProblem(
+                        413, f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB; give its path instead"
+                    )
+                f.write(chunk)
         return {"path": str(path), "bytes": size}
 
     data_lock = asyncio.Lock()  # one data command at a time: each loads a tokenizer and reads the data
@@ -240,7 +237,7 @@ def build_app(
     async def shipped_config(name: str):
         if name not in await shipped_configs():  # only a listed name: never a path
             raise HTTPProblem(404, f"no config {name[:100]!r} in {configs_dir}", "name")
-        from chattune.config import _resolve_relative
+        from chattune.config.load import _resolve_relative
 
         tree = yaml.safe_load((configs_dir / name).read_text(encoding="utf-8")) or {}
         # Its paths are relative to the config file, as `chattune train` reads them.
@@ -291,7 +288,7 @@ def build_app(
 
     @app.get("/api/runs/{run_id:path}/gguf-size")
     async def gguf_size(run_id: str, dtype: str = "f16"):
-        from chattune.export import DTYPES
+        from chattune.infer.export_gguf import DTYPES
 
         if dtype not in DTYPES:
             raise HTTPProblem(422, f"dtype: use one of {', '.join(DTYPES)}", "dtype")
@@ -309,7 +306,7 @@ def build_app(
 
     @app.get("/api/compare")
     async def compare(request: Request):
-        from chattune.compare import write_compare
+        from chattune.report.compare import write_compare
 
         ids = request.query_params.getlist("id")
         if len(ids) < 2:
@@ -386,8 +383,7 @@ def run_ui(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, api_key: st
     app = build_app(runs_dir, api_key=api_key, allowed_hosts=LOOPBACK if host in LOOPBACK else ())
     shown = f"[{host}]" if ":" in host else host
     key = f"/?key={api_key}" if api_key else "/"
-    print(
-        f"chattune ui: http://{shown}:{port}{key}  (runs: {Path(runs_dir).resolve()}; Ctrl-C stops the UI, not the runs)",
-        flush=True,
+    say(
+        f"chattune ui: http://{shown}:{port}{key}  (runs: {Path(runs_dir).resolve()}; Ctrl-C stops the UI, not the runs)"
     )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

@@ -25,9 +25,9 @@ def load_adapter(adapter_dir: Path) -> tuple:
         if key not in _LOADED:
             # Every heavy import under this lock: transformers' lazy modules, imported from two threads
             # at once, can fail ("cannot import name 'AutoModel'").
-            import chattune.infer  # noqa: F401
-            from chattune.loading import load_for_inference
-            from chattune.templates import template_default_system
+            import chattune.infer.generation  # noqa: F401
+            from chattune.infer.load import load_for_inference
+            from chattune.render.template import template_default_system
 
             loaded = load_for_inference(adapter_dir)
             prompts = {
@@ -50,7 +50,7 @@ def stream_answer(
     """Events {"text": piece}... then {"done": finish_reason, "tokens": n}, of the fine-tune (`base`
     False) or of its base model. Raises ChattuneError for a malformed conversation."""
     loaded, lock, _ = load_adapter(adapter_dir)  # first: it does the heavy imports, one thread at a time
-    from chattune.infer import Completion, build_prompt, default_sampling, stream_events
+    from chattune.infer.generation import Completion, build_prompt, default_sampling, stream_events
 
     temperature, top_p = default_sampling(loaded)
     with lock:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from chattune.config import _resolve_relative, check_output_dir, config_from_dict
+from chattune.config.checks import check_output_dir
+from chattune.config.load import _resolve_relative, config_from_dict
 from chattune.errors import ChattuneError, ConfigError
+from chattune.files import write_text_atomic
 from chattune.ui.runs import UI_DIR, check_run_id, launch_dir, pid_is_training, read_launch, run_state
 
 UI_DATA_DIR = f"{UI_DIR}/data"  # the configs the Data panel's commands ran on
@@ -93,7 +95,7 @@ def start_run(tree: dict, runs_dir: Path) -> dict:
         )
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.yaml"
-    config_path.write_text(text, encoding="utf-8")
+    write_text_atomic(config_path, text)
     return _spawn(runs_dir, run_id, config_path, resume=False)
 
 
@@ -140,9 +142,7 @@ def _spawn(
         "time": time.time(),
         "resume": resume,
     }
-    tmp = folder / ".launch.json.tmp"
-    tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, folder / "launch.json")
+    write_text_atomic(folder / "launch.json", json.dumps(record, ensure_ascii=False))
     return {"id": run_id, "pid": child.pid, "command": shown}
 
 
@@ -188,7 +188,7 @@ def run_data_command(tree: dict, runs_dir: Path, command: str, timeout_s: float 
 def stop_run(runs_dir: Path, run_id: str) -> dict:
     """SIGTERM to the run's `chattune train` process (found from run_state.json, else the launch);
     it stops at once and records `interrupted`. Refused when nothing of this run is training."""
-    from chattune.rundir import read_run_state
+    from chattune.train.rundir import read_run_state
 
     out = check_run_id(runs_dir, run_id)
     launch = read_launch(runs_dir, run_id)
@@ -199,6 +199,8 @@ def stop_run(runs_dir: Path, run_id: str) -> dict:
         raise Refused(f"run {run_id} is {state}: there is no training process to stop")
     if launch is not None:
         launch["stop_requested"] = time.time()
-        (launch_dir(runs_dir, run_id) / "launch.json").write_text(json.dumps(launch), encoding="utf-8")
+        write_text_atomic(
+            launch_dir(runs_dir, run_id) / "launch.json", json.dumps(launch, ensure_ascii=False)
+        )
     os.kill(pids[0], signal.SIGTERM)
     return {"id": run_id, "pid": pids[0], "signal": "SIGTERM"}

@@ -106,7 +106,7 @@ async def event_stream(runs_dir: Path, run_id: str, run_dir: Path, request: Requ
 
 
 def _started(run_dir: Path) -> float | None:
-    from chattune.rundir import read_run_state
+    from chattune.train.rundir import read_run_state
 
     recorded = read_run_state(run_dir)
     return recorded.get("time") if recorded and recorded["state"] == "running" else None

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from chattune.errors import ChattuneError
-from chattune.rundir import read_run_state
+from chattune.train.rundir import read_run_state
 
 UI_DIR = ".chattune-ui"  # the UI's launch folders, inside the runs directory
 _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")  # one folder name of a run id
@@ -282,7 +282,7 @@ def gguf_size_estimate(run_dir: Path, dtype: str) -> int | None:
     import numpy as np
     from gguf.quants import quant_shape_to_byte_shape
 
-    from chattune.export import _tensor_type
+    from chattune.infer.export_gguf import _tensor_type
 
     info = _read_json(run_dir / "adapter" / "inference.json")
     base = info.get("base_model_path")

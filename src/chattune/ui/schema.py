@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from chattune.config import Config
+from chattune.config.schema import Config
 from chattune.errors import ConfigError
 
 
