@@ -19,8 +19,10 @@ def cmd_train(args) -> int:
         resume = ["--resume"] if args.resume else []
         return relaunch(args.gpus, ["train", args.config, *args.overrides, *resume])
     from chattune.train.job import run
+    from chattune.train.rundir import recording_end_state
 
-    run(cfg, resume=args.resume)
+    with recording_end_state(cfg.train.output_dir):  # run_state.json: interrupted / failed; SIGTERM stops
+        run(cfg, resume=args.resume)
     return 0
 
 

@@ -21,6 +21,7 @@ from chattune.cli.commands import (
     cmd_train,
 )
 from chattune.errors import ChattuneError
+from chattune.ui import add_ui_parser  # light: the web app loads when `chattune ui` runs
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_runs,
         _add_shipping,
         _add_serving,
+        add_ui_parser,  # chattune ui
     ):
         add(sub)
     return p
