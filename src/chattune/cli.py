@@ -112,6 +112,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from chattune.benchmarks import run_bench
+
+    run_bench(
+        args.model,
+        args.task,
+        args.data,
+        split=args.split,
+        subjects=args.subjects.split(",") if args.subjects else None,
+        shots=args.shots,
+        max_questions=args.max_questions,
+        dev=args.dev,
+        scoring=args.scoring,
+        batch_size=args.batch_size,
+        output_dir=args.output,
+        device=args.device,
+        system_prompt=args.system,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return 0
+
+
 def cmd_report(args) -> int:
     from chattune.report import write_report
 
@@ -263,6 +285,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="multiple-choice accuracy (C-Eval, CMMLU, MMLU, your own) of a model or adapter, offline",
+    )
+    b.add_argument("model", help="adapter folder, model directory, .gguf file or builtin:... id")
+    b.add_argument(
+        "--task", required=True, choices=["ceval", "cmmlu", "mmlu", "mcq"], help="the files' layout"
+    )
+    b.add_argument(
+        "--data", required=True, help="the benchmark's folder (val/ dev/ test/), or the mcq .jsonl"
+    )
+    b.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    b.add_argument("--shots", type=int, default=0, help="dev examples before each question (k-shot)")
+    b.add_argument("--split", default=None, help="default: C-Eval val, CMMLU test, MMLU test")
+    b.add_argument("--max-questions", type=int, default=None, help="the first N questions of each subject")
+    b.add_argument("--dev", default=None, help="mcq with --shots: the .jsonl the examples come from")
+    b.add_argument(
+        "--scoring",
+        choices=["letter", "choice"],
+        default="letter",
+        help="letter: log-likelihood of the answer letter (standard); choice: of each choice's text (cloze)",
+    )
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
+    b.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    b.add_argument("--device", default="auto")
+    add_trust_flag(b)
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
     r.add_argument("run_dir", help="a training run's output directory")

@@ -262,7 +262,8 @@ def _metric_blocks(runs: list[_Compared]) -> list[_Block]:
         for row in r.run.eval_rows:
             tags[row["tag"]] = None
             keys.update((k, None) for k in row if k.startswith("eval/") and _is_number(row[k]))
-    if not keys:
+    kept = _kept_table(runs)
+    if not keys and kept is None:
         return [_Text(NOT_RECORDED)]
     ordered = sorted(tags, key=_tag_order)
 
@@ -284,6 +285,8 @@ def _metric_blocks(runs: list[_Compared]) -> list[_Block]:
             _Text("Eval loss (per token, held-out split) at each evaluation; baseline = before training."),
             _Table(["eval loss", *ordered, "final − baseline"], rows),
         ]
+    if kept is not None:
+        blocks += [_Text("Knowledge kept: benchmark accuracy (0..100) before training and after."), kept]
     scores = [k for k in keys if k != "eval/loss"]
     if scores:  # each run's evaluations stacked, then its change: the metrics as columns
         rows = []
@@ -294,6 +297,19 @@ def _metric_blocks(runs: list[_Compared]) -> list[_Block]:
         headers = ["run", "evaluation", *[k.removeprefix("eval/") for k in scores]]
         blocks += [_Text("Scores of the sample answers (0..100):"), _Table(headers, rows)]
     return blocks
+
+
+def _kept_table(runs: list[_Compared]) -> _Table | None:
+    """One row per run and benchmark: before, after, change (eval.benchmarks); None when no run has one."""
+    from chattune.benchmarks import knowledge_kept
+
+    rows = []
+    for r in runs:
+        for k in knowledge_kept(r.run.eval_rows):
+            b, a = k["before"], k["after"]
+            change = f"{a - b:+.4g}" if _is_number(a) and _is_number(b) else ""
+            rows.append([r.label, k["key"], _fmt(b), _fmt(a), change])
+    return _Table(["run", "benchmark", "before", "after", "change"], rows) if rows else None
 
 
 # ---- curves (inline SVG) ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chattune.benchmarks import benchmarks_due, score_benchmarks
 from chattune.checkpoints import Progress
 from chattune.compiling import eager, mark_doc_count_dynamic
 from chattune.config import EvalConfig, TrainConfig
@@ -166,6 +167,8 @@ class Evaluation:
     takes_part: bool  # rank 0, or every rank of sharded weights
     device: str
     compiled: bool
+    benchmarks: list = ()  # (BenchmarkConfig, Benchmark): before training, at the end, per epoch if asked
+    total_steps: int = 0  # the run's last step: its epoch-end evaluation scores every benchmark
 
     def __call__(self, step: int, epoch: float, tag: str) -> None:
         import torch
@@ -174,7 +177,7 @@ class Evaluation:
 
         if not self.takes_part:
             return
-        if not ((self.cfg.loss and self.eval_ex) or self.samples):  # evaluation is off: nothing to say either
+        if not ((self.cfg.loss and self.eval_ex) or self.samples or self.benchmarks):  # evaluation is off
             return
         # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
         # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
@@ -199,9 +202,12 @@ class Evaluation:
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, self.metric_names).items()})
             for r in preds[:2]:
                 say_once(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
+        due = benchmarks_due(self.benchmarks, tag, step, self.total_steps)
+        if due:
+            row.update(score_benchmarks(self.loaded, due, batch_size=self.cfg.batch_size))
         self.tracker.log(row, step=step)
         self.history.append({"step": step, **row})
-        shown = {k: round(v, 4) for k, v in row.items() if k.startswith("eval/")}
+        shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("eval/", "bench/"))}
         say_once(f"eval [{tag}] step {step}: {shown}")
 
 

@@ -169,7 +169,9 @@ def _fmt_seconds(seconds: float) -> str:
 
 def _build_sections(run: _Run, max_predictions: int) -> list[tuple[str, list[_Block]]]:
     config: list[_Block] = [_Code(run.config_text) if run.config_text is not None else _Text(NOT_RECORDED)]
-    sections = [
+    kept = _kept_blocks(run)
+    sections = [("Knowledge kept", kept)] if kept else []  # the result leads
+    sections += [
         ("Config", config),
         ("Curves", [_Figure(key, _plot_curve(key, _curve_points(run, key))) for key in CURVES]),
         ("Metrics", _metrics_blocks(run)),
@@ -214,6 +216,37 @@ def _metrics_blocks(run: _Run) -> list[_Block]:
         _Text("Scores are 0..100 (loss is per token). One row per evaluation, by step."),
         _Table(headers, rows),
     ]
+
+
+def _kept_blocks(run: _Run) -> list[_Block]:
+    """Benchmark accuracy before -> after (eval.benchmarks), beside the task metrics that moved."""
+    from chattune.benchmarks import knowledge_kept
+
+    kept = knowledge_kept(run.eval_rows)
+    if not kept:
+        return []
+    rows = [[k["key"], _fmt(k["before"]), _fmt(k["after"]), _delta(k["before"], k["after"])] for k in kept]
+    base = next((r for r in run.eval_rows if r["tag"] == BASELINE_TAG), None)
+    final = _last_non_baseline(run.eval_rows)
+    for key in _metric_keys(run) if base and final else []:
+        rows.append(
+            [f"task: {key}", _fmt(base.get(key)), _fmt(final.get(key)), _delta(base.get(key), final.get(key))]
+        )
+    lines = [
+        f"knowledge kept: {k['key']} {_fmt(k['before'])} -> {_fmt(k['after'])} ({_delta(k['before'], k['after'])})"
+        for k in kept
+    ]
+    return [
+        _Text(
+            "; ".join(lines)
+            + ". Benchmark accuracy is 0..100; before = baseline, after = the last evaluation."
+        ),
+        _Table(["", "before", "after", "change"], rows),
+    ]
+
+
+def _delta(before: Any, after: Any) -> str:
+    return f"{after - before:+.4g}" if _is_number(before) and _is_number(after) else NOT_RECORDED
 
 
 def _last_non_baseline(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chattune.benchmarks import read_benchmark_configs
 from chattune.checkpoints import find_resume_point, fingerprint_examples
 from chattune.compiling import compile_layers, doc_bound, start_compile_workers, use_compile_cache
 from chattune.config import Config
@@ -92,7 +93,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     optim = build_optim(cfg, built, plan.total_steps, device, world)
     # Everything the user gave has been checked by now: only from here on is anything written.
     opened = open_run_dir(cfg, data, built, optim, engine, plan, world, device, resume)
-    evaluate = build_evaluation(cfg, data, built, engine, opened, world, device)
+    evaluate = build_evaluation(cfg, data, built, engine, opened, world, device, plan.total_steps)
     say_once(describe(cfg, built, plan, world, device))
     if opened.done.step == 0:
         evaluate(0, 0.0, "baseline")
@@ -162,6 +163,8 @@ class Rendered:
     eval_read: object  # data.ReadReport of data.eval_path, or None
     train_report: object  # templates.RenderReport: truncated, dropped
     eval_report: object
+    # (BenchmarkConfig, Benchmark) of each eval.benchmarks entry, read before the run directory exists
+    benchmarks: list = dataclasses.field(default_factory=list)
 
 
 def read_and_render(cfg: Config, world: World) -> Rendered:
@@ -208,8 +211,18 @@ def read_and_render(cfg: Config, world: World) -> Rendered:
         f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
         f"{f' {dict(dropped)}' if dropped else ''}"
     )
+    benchmarks = read_benchmark_configs(cfg.eval.benchmarks)
     return Rendered(
-        model_dir, tokenizer, train_ex, eval_ex, samples, read_report, eval_read, train_report, eval_report
+        model_dir,
+        tokenizer,
+        train_ex,
+        eval_ex,
+        samples,
+        read_report,
+        eval_read,
+        train_report,
+        eval_report,
+        benchmarks,
     )
 
 
@@ -414,7 +427,14 @@ def build_optim(cfg: Config, built: Built, total_steps: int, device: str, world:
 
 
 def build_evaluation(
-    cfg: Config, data: Rendered, built: Built, engine: Engine, opened: Opened, world: World, device: str
+    cfg: Config,
+    data: Rendered,
+    built: Built,
+    engine: Engine,
+    opened: Opened,
+    world: World,
+    device: str,
+    total_steps: int,
 ) -> Evaluation:
     """Evaluation as the loop calls it (`loop.Evaluation`): rank 0, or every rank of sharded weights."""
     from chattune.loading import Loaded
@@ -442,6 +462,8 @@ def build_evaluation(
         takes_part=world.is_main or engine.sharded,
         device=device,
         compiled=built.use_compile,
+        benchmarks=data.benchmarks,
+        total_steps=total_steps,
     )
 
 
