@@ -383,41 +383,63 @@ def test_bench_command_writes_metrics_and_predictions(tmp_path, tiny_model_dir, 
 # ---- during training ---------------------------------------------------------------------------------
 
 
+MARKER = "zebra"
+
+
+def write_marker_set(folder: Path) -> tuple[Path, Path]:
+    """A planted pattern: training answers are always the marker word, and the benchmark's right choice is
+    always the one that is the marker (at every position in turn), so learning the marker moves accuracy."""
+    prompts = ["Say the word.", "Which word?", "Your answer?", "Name it.", "Tell me the word.", "Go on."]
+    train = [{"instruction": p, "input": "", "output": MARKER} for p in prompts * 2]
+    others = ["lamp", "cloud", "river"]
+    rows = []
+    for i in range(4):
+        choices = others[:i] + [MARKER] + others[i:]
+        rows.append({"question": f"Question {i + 1}: which word?", "choices": choices, "answer": i})
+    data, mcq = folder / "marker.json", folder / "marker_mcq.jsonl"
+    data.write_text(json.dumps(train), encoding="utf-8")
+    mcq.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return data, mcq
+
+
 def test_eval_benchmarks_before_and_after_in_metrics_report_and_compare(
-    tmp_path, tiny_model_dir, one_torch_thread
+    tmp_path, qwen_tokenizer, one_torch_thread
 ):
-    from conftest import write_huanhuan_slice
+    """Measured: 0.0 before, 100.0 after (the tiny model learns the marker through its trained lm_head)."""
+    from conftest import build_tiny_model_dir
 
     from chattune.compare import write_compare
     from chattune.config import config_from_dict
+    from chattune.report import write_report
     from chattune.train import run
 
-    data = write_huanhuan_slice(tmp_path, 8)
-    mcq = write_mcq(tmp_path / "capitals.jsonl", CAPITALS_EN[:4])
+    data, mcq = write_marker_set(tmp_path)
+    bench = {"task": "mcq", "data": str(mcq), "name": "marker", "scoring": "choice"}
+    # Untied, with lm_head trained: a 2-layer model with LoRA alone barely moves its loss in 18 steps.
+    model_dir = build_tiny_model_dir(tmp_path / "tiny", qwen_tokenizer, tie_word_embeddings=False)
     tree = {
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"train_path": str(data), "max_len": 128},
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train_path": str(data), "max_len": 64},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]},
         "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 4, "grad_accum_steps": 1,
-                  "epochs": 2, "lr": 1e-2, "progress": False},
-        "eval": {"samples": 0, "loss": False, "benchmarks": [{"task": "mcq", "data": str(mcq), "name": "capitals"}]},
+                  "epochs": 6, "lr": 3e-2, "progress": False},
+        "eval": {"samples": 0, "loss": False, "benchmarks": [bench]},
     }  # fmt: skip
     out = run(config_from_dict(tree))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    scored = [(r["tag"], r["bench/capitals/accuracy"]) for r in rows if "bench/capitals/accuracy" in r]
-    assert [tag for tag, _ in scored] == ["baseline", "epoch 2"]  # not after epoch 1: per_epoch is off
-    assert all(acc in (0.0, 25.0, 50.0, 75.0, 100.0) for _, acc in scored)
-
-    from chattune.report import write_report
+    scored = [(r["tag"], r["bench/marker/accuracy"]) for r in rows if "bench/marker/accuracy" in r]
+    assert [tag for tag, _ in scored] == ["baseline", "epoch 6"]  # not after epochs 1-5: per_epoch is off
+    before, after = scored[0][1], scored[1][1]
+    assert after == 100.0 and before < after, scored  # the planted pattern was learnt
 
     page = write_report(out)[0].read_text(encoding="utf-8")
-    assert page.index("Knowledge kept") < page.index("Config")
-    before, after = scored[0][1], scored[1][1]
+    assert page.index("Knowledge kept") < page.index("Config")  # the result leads the report
     assert (
-        f"knowledge kept: bench/capitals/accuracy {before:.4g} -&gt; {after:.4g} ({after - before:+.4g})"
+        f"knowledge kept: bench/marker/accuracy {before:.4g} -&gt; {after:.4g} ({after - before:+.4g})"
         in page
     )
     compare = write_compare([out], tmp_path / "cmp")[0].read_text(encoding="utf-8")
-    assert "Knowledge kept" in compare and "bench/capitals/accuracy" in compare
+    assert "Knowledge kept" in compare and "bench/marker/accuracy" in compare
 
 
 def test_a_bad_benchmark_file_stops_the_run_before_its_directory_exists(tmp_path, tiny_model_dir):

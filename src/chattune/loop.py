@@ -177,7 +177,8 @@ class Evaluation:
 
         if not self.takes_part:
             return
-        if not ((self.cfg.loss and self.eval_ex) or self.samples or self.benchmarks):  # evaluation is off
+        due = benchmarks_due(self.benchmarks, tag, step, self.total_steps)
+        if not ((self.cfg.loss and self.eval_ex) or self.samples or due):  # nothing to evaluate now
             return
         # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
         # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
@@ -185,9 +186,9 @@ class Evaluation:
         d = self.device
         rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if d == "cuda" else [])
         with rng, embeddings_on_device(self.model), eager() if self.compiled else contextlib.nullcontext():
-            self._evaluate(step, epoch, tag)
+            self._evaluate(step, epoch, tag, due)
 
-    def _evaluate(self, step: int, epoch: float, tag: str) -> None:
+    def _evaluate(self, step: int, epoch: float, tag: str, due: list) -> None:
         row: dict = {"epoch": epoch, "tag": tag}
         if self.cfg.loss and self.eval_ex:
             row["eval/loss"] = eval_loss(self.model, self.eval_ex, self.pad_id, self.cfg.batch_size)
@@ -202,7 +203,6 @@ class Evaluation:
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, self.metric_names).items()})
             for r in preds[:2]:
                 say_once(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
-        due = benchmarks_due(self.benchmarks, tag, step, self.total_steps)
         if due:
             row.update(score_benchmarks(self.loaded, due, batch_size=self.cfg.batch_size))
         self.tracker.log(row, step=step)
