@@ -369,7 +369,9 @@ def test_bench_command_writes_metrics_and_predictions(tmp_path, tiny_model_dir, 
         json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     assert len(preds) == 4 and sum(p["correct"] for p in preds) == metrics["correct"]
-    assert "accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "accuracy" in captured.out
+    assert "bench cmmlu" in captured.err and "4/4" in captured.err  # the progress bar: done / total, rate
 
     # A broken file is one line on stderr and exit code 2, before any model loads.
     (data / "test" / "astronomy.csv").write_text(
@@ -494,3 +496,13 @@ def test_real_model_knows_capitals_above_chance(tmp_path):
     )
     assert result["questions"] == 4
     assert result["accuracy"] >= 75.0, result["subjects"]
+
+
+def test_progress_line_says_done_total_rate_and_time_left():
+    import time
+
+    from chattune.infer import progress_line
+
+    line = progress_line(2, 4, time.monotonic() - 10)
+    assert line.startswith("2/4 answered (10 s, 0.20/s, about 10 s left)"), line
+    assert "left" not in progress_line(4, 4, time.monotonic() - 10)

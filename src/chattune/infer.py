@@ -399,6 +399,15 @@ def read_prompts(
     return rows
 
 
+def progress_line(done: int, total: int, t0: float) -> str:
+    """ "12/40 answered (30 s, 0.40/s, about 70 s left)": work done, elapsed since `t0` (time.monotonic),
+    rate and estimated time left at that rate."""
+    elapsed = time.monotonic() - t0
+    rate = done / elapsed if elapsed > 0 else 0.0
+    left = f", about {(total - done) / rate:.0f} s left" if rate and done < total else ""
+    return f"{done}/{total} answered ({elapsed:.0f} s, {rate:.2f}/s{left})"
+
+
 def predict_file(
     loaded: Loaded,
     input_path: str | Path,
@@ -433,11 +442,7 @@ def predict_file(
         for i, text in zip(chunk, generate(loaded, [rows[i][0] for i in chunk], **kw), strict=True):
             answers[i] = text
         if progress:  # CPU generation of a few hundred answers takes minutes: show that it moves
-            print(
-                f"predict: {len(answers)}/{len(rows)} answered ({time.monotonic() - t0:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"predict: {progress_line(len(answers), len(rows), t0)}", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
