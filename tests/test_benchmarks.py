@@ -382,6 +382,24 @@ def test_bench_command_writes_metrics_and_predictions(tmp_path, tiny_model_dir, 
     assert rc == 2 and "astronomy.csv:2: answer 'F' is not one of the choices' letters A, B, C, D" in err
 
 
+def test_lm_eval_backend_gives_the_same_answers_and_accuracy(tmp_path, tiny_model_dir, one_torch_thread):
+    """lm-evaluation-harness scores the same rendered prompts: each letter's log-likelihood differs from
+    chattune's by one shared term (lm-eval moves the prompt's final newline into the continuation)."""
+    pytest.importorskip("lm_eval", reason="pip install lm-eval for the lm-eval backend")
+    from chattune.benchmark_lmeval import score_with_lm_eval
+    from chattune.benchmarks import score_benchmark
+
+    loaded = _loaded(tiny_model_dir)
+    bench = read_benchmark("ceval", write_ceval(tmp_path), shots=1)
+    ours, our_rows = score_benchmark(loaded, bench, batch_size=3, progress=False)
+    theirs, their_rows = score_with_lm_eval(loaded, bench, batch_size=3)
+    assert theirs["accuracy"] == ours["accuracy"] and theirs["subjects"] == ours["subjects"]
+    for a, b in zip(our_rows, their_rows, strict=True):
+        assert (a["where"], a["prediction"]) == (b["where"], b["prediction"])
+        shift = [b["scores"][k] - a["scores"][k] for k in "ABCD"]
+        assert max(shift) - min(shift) < 1e-3, (a, b)
+
+
 # ---- during training ---------------------------------------------------------------------------------
 
 

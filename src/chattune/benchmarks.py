@@ -20,6 +20,7 @@ and CMMLU's leaderboards average). lm-evaluation-harness scores the same letters
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -319,6 +320,7 @@ def run_bench(
     max_questions: int | None = None,
     dev: str | None = None,
     scoring: str = "letter",
+    backend: str = "chattune",
     batch_size: int = 8,
     output_dir: str | None = None,
     device: str = "auto",
@@ -336,6 +338,14 @@ def run_bench(
         raise ChattuneError(f"--batch-size must be at least 1, got {batch_size}")
     if scoring not in SCORINGS:
         raise ChattuneError(f"--scoring {scoring}: use one of {', '.join(SCORINGS)}")
+    if backend not in ("chattune", "lm-eval"):
+        raise ChattuneError(f"--backend {backend}: use chattune or lm-eval")
+    if backend == "lm-eval" and scoring != "letter":
+        raise ChattuneError(
+            "--backend lm-eval scores letters only; drop --scoring choice or use --backend chattune"
+        )
+    if backend == "lm-eval" and importlib.util.find_spec("lm_eval") is None:  # said before the model loads
+        raise ChattuneError("--backend lm-eval needs lm-evaluation-harness: pip install 'chattune[lm-eval]'")
     if output_dir is not None:
         check_output_path(output_dir, "--output", directory=True)
     # The files are read (and any mistake in them reported) before the slow model load.
@@ -348,7 +358,12 @@ def run_bench(
     if system_prompt is not None:
         loaded.system_prompt = system_prompt
     t0 = time.time()
-    summary, rows = score_benchmark(loaded, bench, batch_size=batch_size, scoring=scoring)
+    if backend == "lm-eval":
+        from chattune.benchmark_lmeval import score_with_lm_eval
+
+        summary, rows = score_with_lm_eval(loaded, bench, batch_size=batch_size)
+    else:
+        summary, rows = score_benchmark(loaded, bench, batch_size=batch_size, scoring=scoring)
     result = {
         "model": str(model),
         "name": loaded.name,

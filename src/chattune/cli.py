@@ -125,6 +125,7 @@ def cmd_bench(args) -> int:
         max_questions=args.max_questions,
         dev=args.dev,
         scoring=args.scoring,
+        backend=args.backend,
         batch_size=args.batch_size,
         output_dir=args.output,
         device=args.device,
@@ -307,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["letter", "choice"],
         default="letter",
         help="letter: log-likelihood of the answer letter (standard); choice: of each choice's text (cloze)",
+    )
+    b.add_argument(
+        "--backend",
+        choices=["chattune", "lm-eval"],
+        default="chattune",
+        help="lm-eval: the same prompts scored by lm-evaluation-harness (pip install lm-eval)",
     )
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
