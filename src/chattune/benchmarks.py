@@ -2,7 +2,8 @@
 
 Benchmark (benchmark_readers) --build_prompt--> the model's own chat template, ending where the answer
 letter would start --one forward per batch--> log p(letter | prompt) for each choice's letter --argmax-->
-predicted letter -> accuracy per subject, per category and overall (0..100).
+predicted letter -> accuracy per subject, per category and overall (0..100). `choice` scoring compares
+each choice's text instead (one forward per choice; see `score_benchmark`).
 
 The prompt is LLaMA-Factory's `llamafactory-cli eval` prompt (its `en` / `zh` eval templates): the
 instruction line ("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。" / "The following are
@@ -447,11 +448,3 @@ def knowledge_kept(eval_rows: list[dict]) -> list[dict]:
             }
         )
     return out
-
-
-def format_kept(item: dict) -> str:
-    """ "bench/cmmlu/accuracy: 41.20 -> 39.80 (-1.40)", "not recorded" where a side is missing."""
-    b, a = item["before"], item["after"]
-    shown = [f"{v:.2f}" if v is not None else "not recorded" for v in (b, a)]
-    delta = f" ({a - b:+.2f})" if a is not None and b is not None else ""
-    return f"{item['key']}: {shown[0]} -> {shown[1]}{delta}"
