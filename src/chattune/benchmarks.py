@@ -55,6 +55,27 @@ def build_messages(subject: Subject, q: Question, lang: str) -> list[dict]:
     return msgs
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _last_logits(model, rows: list[list[int]], pad_id: int, *, keep: int):
+    """Logits (B, keep, V) of the last `keep` positions of token-id rows left-padded to one length, so
+    every row ends at the same position; positions count real tokens only (as in generation)."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=keep,
+    ).logits
+
+
 def letter_ids(tokenizer, n: int) -> list[int]:
     """The token id of each of the first `n` letters, as the answer's first token. Raises ChattuneError
     when the tokenizer needs several tokens for a letter (it could not be scored by one logit)."""
@@ -86,16 +107,15 @@ def score_letters(
     if loaded.adapter_name is not None:
         model.set_adapter(loaded.adapter_name)
     ids = letter_ids(tok, max(n_choices, default=0))
-    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    too_long = [i for i, n in enumerate(lengths) if loaded.max_context and n > loaded.max_context]
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    too_long = [ids for ids in encoded if loaded.max_context and len(ids) > loaded.max_context]
     if too_long:
         raise ChattuneError(
-            f"a prompt of {lengths[too_long[0]]} tokens is longer than the model's context "
+            f"a prompt of {len(too_long[0])} tokens is longer than the model's context "
             f"({loaded.max_context}); use fewer --shots"
         )
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out: dict[int, list[float]] = {}
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not desc, dynamic_ncols=True)
@@ -103,21 +123,7 @@ def score_letters(
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                enc = tok(
-                    [prompts[i] for i in chunk],
-                    return_tensors="pt",
-                    padding=True,
-                    padding_side="left",
-                    add_special_tokens=False,
-                )
-                mask = enc["attention_mask"].to(device)
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(
-                    input_ids=enc["input_ids"].to(device),
-                    attention_mask=mask,
-                    position_ids=positions,
-                    logits_to_keep=1,
-                ).logits[:, -1, :]
+                logits = _last_logits(model, [encoded[i] for i in chunk], _pad_id(tok), keep=1)[:, -1, :]
                 logp = torch.log_softmax(logits.float(), dim=-1)[:, ids].tolist()
                 for row, i in enumerate(chunk):
                     out[i] = logp[row][: n_choices[i]]
@@ -156,22 +162,12 @@ def score_choices(
     model.eval()
     bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not desc, dynamic_ncols=True)
     done: set[int] = set()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = [seqs[k] for k in order[start : start + batch_size]]
-                width = max(len(ids) for _, _, ids, _ in chunk)
                 keep = max(n for *_, n in chunk) + 1
-                input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, _, ids, _ in chunk])
-                mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids, _ in chunk])
-                mask = mask.to(device)
-                logits = model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    logits_to_keep=keep,
-                ).logits
+                logits = _last_logits(model, [ids for _, _, ids, _ in chunk], _pad_id(tok), keep=keep)
                 logp = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V); position t predicts t + 1
                 for row, (i, j, ids, n) in enumerate(chunk):
                     targets = torch.tensor(ids[-n:], device=device)
