@@ -139,47 +139,84 @@ def score_choices(
 ) -> list:
     """Mean log-likelihood per character of each choice's text as the answer to its prompt: for prompt
     i and choice j, sum log p(choice tokens | prompt) / len(choice j) (lm-evaluation-harness's
-    `acc_norm`). One row per (prompt, choice), batched with left padding; only the last positions'
-    logits are kept. Returns one list of floats per prompt, in prompt order."""
+    `acc_norm`). Returns one list of floats per prompt, in prompt order.
+
+    Each batch of prompts runs once (left-padded, keeping its KV cache); the cache is then repeated for
+    every choice and only the choices' tokens run (right-padded after the prompt): a prompt's tokens are
+    computed once instead of once per choice.
+    """
     import torch
     from tqdm.auto import tqdm
+
+    from chattune.decoding import _cache_argument  # the forward's name for the KV cache, by version
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
     tok, model = loaded.tokenizer, loaded.model
     if loaded.adapter_name is not None:
         model.set_adapter(loaded.adapter_name)
-    seqs = []  # (prompt index, choice index, ids, choice token count)
-    for i, (p, cs) in enumerate(zip(prompts, choices, strict=True)):
-        ctx = tok(p, add_special_tokens=False)["input_ids"]
-        for j, c in enumerate(cs):
-            cont = tok(c, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
-            seqs.append((i, j, ctx + cont, len(cont)))
-    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k][2]))
-    scores: dict[tuple[int, int], float] = {}
-    device = next(model.parameters()).device
+    pad = _pad_id(tok)
+    ctx = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    conts = [
+        [tok(c, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for c in cs] for cs in choices
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: -len(ctx[i]))
+    out: dict[int, list[float]] = {}
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not desc, dynamic_ncols=True)
-    done: set[int] = set()
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
-                chunk = [seqs[k] for k in order[start : start + batch_size]]
-                keep = max(n for *_, n in chunk) + 1
-                logits = _last_logits(model, [ids for _, _, ids, _ in chunk], _pad_id(tok), keep=keep)
-                logp = torch.log_softmax(logits.float(), dim=-1)  # (B, keep, V); position t predicts t + 1
-                for row, (i, j, ids, n) in enumerate(chunk):
-                    targets = torch.tensor(ids[-n:], device=device)
-                    picked = logp[row, keep - n - 1 : keep - 1].gather(-1, targets[:, None])
-                    scores[(i, j)] = float(picked.sum()) / max(len(choices[i][j]), 1)
-                    if all((i, jj) in scores for jj in range(len(choices[i]))) and i not in done:
-                        done.add(i)
-                        bar.update(1)
+                chunk = order[start : start + batch_size]
+                first, cache, mask = _prompt_pass(model, [ctx[i] for i in chunk], pad)
+                n = max(len(conts[i]) for i in chunk)  # choices per prompt; missing ones are dummies
+                rows = [conts[i][j] if j < len(conts[i]) else [pad] for i in chunk for j in range(n)]
+                width = max(len(r) for r in rows)
+                cache.batch_repeat_interleave(n)
+                cont_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=mask.device)
+                cont_mask = torch.tensor(
+                    [[1] * len(r) + [0] * (width - len(r)) for r in rows], device=mask.device
+                )
+                start_pos = mask.sum(-1).repeat_interleave(n)[:, None]
+                logits = model(
+                    input_ids=cont_ids,
+                    attention_mask=torch.cat([mask.repeat_interleave(n, 0), cont_mask], dim=-1),
+                    position_ids=start_pos + torch.arange(width, device=mask.device),
+                    use_cache=False,
+                    **{_cache_argument(model): cache},
+                ).logits.float()  # (B*n, width, V): position t predicts choice token t + 1
+                # Choice token 0 is predicted by the prompt's last position, token t by choice position t-1.
+                pred = torch.cat([first.repeat_interleave(n, 0)[:, None], logits[:, :-1]], dim=1)
+                logp = pred.gather(-1, cont_ids[..., None])[..., 0] - pred.logsumexp(-1)
+                sums = (logp * cont_mask).sum(-1).tolist()
+                for b, i in enumerate(chunk):
+                    out[i] = [sums[b * n + j] / max(len(choices[i][j]), 1) for j in range(len(conts[i]))]
+                bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
-    return [[scores[(i, j)] for j in range(len(cs))] for i, cs in enumerate(choices)]
+    return [out[i] for i in range(len(prompts))]
+
+
+def _prompt_pass(model, rows: list[list[int]], pad_id: int):
+    """Left-padded prompts through the model once: (last position's logits (B, V) in float32, the KV
+    cache, the attention mask (B, P))."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
+    return out.logits[:, -1].float(), cache, mask
 
 
 SCORINGS = ("letter", "choice")
