@@ -524,3 +524,22 @@ def test_progress_line_says_done_total_rate_and_time_left():
     line = progress_line(2, 4, time.monotonic() - 10)
     assert line.startswith("2/4 answered (10 s, 0.20/s, about 10 s left)"), line
     assert "left" not in progress_line(4, 4, time.monotonic() - 10)
+
+
+def test_demo_scores_its_general_knowledge_set_and_prints_it(tmp_path, capsys):
+    from chattune.benchmarks import read_benchmark_configs
+    from chattune.config import config_from_dict
+    from chattune.demo import demo_config_tree, print_knowledge_kept
+
+    cfg = config_from_dict(demo_config_tree(str(tmp_path / "demo")), "demo config")
+    ((entry, bench),) = read_benchmark_configs(cfg.eval.benchmarks)  # the bundled files are in layout
+    assert (entry.scoring, bench.shots, bench.n_questions) == ("choice", 1, 12)
+    rows = [
+        {"step": 0, "tag": "baseline", "bench/general_knowledge/accuracy": 75.0},
+        {"step": 5, "tag": "epoch 1", "eval/loss": 1.0},
+        {"step": 9, "tag": "epoch 2", "bench/general_knowledge/accuracy": 66.66666666666667},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert print_knowledge_kept(tmp_path)["after"] == pytest.approx(66.667, abs=1e-3)
+    out = capsys.readouterr().out
+    assert "General knowledge kept (12 multiple-choice questions, 1-shot): 9/12 before, 8/12 after." in out

@@ -31,7 +31,13 @@ def cmd_demo(args) -> int:
     import torch
 
     from chattune.config import check_output_dir, config_from_dict, parse_overrides
-    from chattune.demo import DEMO_NAME, demo_config_tree, print_before_after, read_before_after
+    from chattune.demo import (
+        DEMO_NAME,
+        demo_config_tree,
+        print_before_after,
+        print_knowledge_kept,
+        read_before_after,
+    )
     from chattune.train import run
 
     tree = demo_config_tree(args.output_dir)
@@ -47,6 +53,7 @@ def cmd_demo(args) -> int:
     )
     out = run(cfg)
     print_before_after(read_before_after(out))
+    print_knowledge_kept(out)
     print(f"\nAdapter: {out / 'adapter'}   Report: {out / 'report.html'}")
     print(f"Chat with it: chattune chat {out / 'adapter'}")
     # Where track.py told SwanLab to write: SWANLAB_LOG_DIR when set, else the run directory's swanlog/.
