@@ -107,7 +107,7 @@ def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, li
         shutil.rmtree(work / "cache", ignore_errors=True)
     cache_there = (work / "cache" / "torch-compile").is_dir()  # warm only if an earlier case filled it
     cmd = [
-        sys.executable, "-m", "chattune.cli", "train", *gpus, str(CONFIG),
+        sys.executable, "-m", "chattune", "train", *gpus, str(CONFIG),
         f"model.name_or_path={model}", "model.source=local", f"data.train_path={data}",
         f"train.output_dir={out}", "track.backend=none", "train.progress=false", *extra,
     ]  # fmt: skip

@@ -2,10 +2,10 @@
 
 Not a test: a GPU benchmark. For each architecture (real Qwen2.5 configs, random bf16 weights:
 weights do not change speed) it runs (a) the tutorial recipe, bench/seed_recipe.py unchanged, and
-(b) chattune's path: documents packed into token budgets (chattune.packing), varlen attention
-(chattune.attention), loss over targeted tokens only (chattune.loss), LoRA r64/alpha16/dropout 0
+(b) chattune's path: documents packed into token budgets (chattune.render.packing), varlen attention
+(chattune.model.attention), loss over targeted tokens only (chattune.model.loss), LoRA r64/alpha16/dropout 0
 on q,k,v,o,gate,up,down via peft, bf16 autocast with fp32 LoRA weights, fused AdamW, checkpointing
-chosen by chattune.loss.checkpointing_needed. Both see the same real (prompt, response) lengths
+chosen by chattune.model.loss.checkpointing_needed. Both see the same real (prompt, response) lengths
 (bench/lengths-*.txt, cut at 384 tokens) and random token ids. Prints real tokens/s, useful MFU
 (4 x matmul params x real tokens / (time x 989 TFLOP/s), the seed recipe's formula), peak memory
 and the speed-up, and writes bench/results.json (and $OUT/results.json when --out is given).
@@ -41,9 +41,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import seed_recipe  # noqa: E402
 
-import chattune.loss as chattune_loss  # noqa: E402
-from chattune.attention import pick_attn_implementation, register_attention  # noqa: E402
-from chattune.loss import (  # noqa: E402
+import chattune.model.loss as chattune_loss
+from chattune.model.attention import pick_attn_implementation, register_attention
+from chattune.model.loss import (
     activation_bytes_per_token,
     add_target_index,
     checkpointing_needed,
@@ -51,9 +51,9 @@ from chattune.loss import (  # noqa: E402
 )
 
 SKIPS_MASK_BUILDING = chattune_loss._skips_mask_building
-from chattune.offload import HostAdamW, offload_input_embeddings  # noqa: E402
-from chattune.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens  # noqa: E402
-from chattune.throughput import matmul_params  # noqa: E402
+from chattune.render.packing import IGNORE_INDEX, build_batches, collate_packed, count_label_tokens
+from chattune.train.offload import HostAdamW, offload_input_embeddings
+from chattune.train.throughput import matmul_params
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, as in the seed recipe's MFU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

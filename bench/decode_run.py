@@ -38,9 +38,9 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chattune.evaluate import read_eval_samples
-    from chattune.infer import generate_completions
-    from chattune.loading import Loaded
+    from chattune.evaluate.judge import read_eval_samples
+    from chattune.infer.generation import generate_completions
+    from chattune.infer.load import Loaded
 
     tok = AutoTokenizer.from_pretrained(args.model)
     base = AutoModelForCausalLM.from_pretrained(

@@ -32,8 +32,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     prof = cProfile.Profile()
     prof.enable()
-    from chattune.config import load_config
-    from chattune.train import check_run, read_and_render
+    from chattune.config.load import load_config
+    from chattune.train.job import check_run, read_and_render
 
     t_import = time.perf_counter()
     cfg = load_config(

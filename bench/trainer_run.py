@@ -1,7 +1,7 @@
 """The real `chattune train` on a random-weight Qwen2.5 architecture: the product, not a re-implementation.
 
 bench.py times chattune's stages in a loop of its own, next to the tutorial recipe. This script
-runs `chattune.train.run(cfg)` itself — reading a bundled dataset, rendering it with the real
+runs `chattune.train.job.run(cfg)` itself — reading a bundled dataset, rendering it with the real
 Qwen2.5 chat template, packing, LoRA, evaluation, saving the adapter — on a model directory
 written here from the real config with random bf16 weights (weights do not change speed), and
 prints the run's own summary (real tokens/s from `summary.json`, peak memory, wall time).
@@ -43,7 +43,7 @@ def write_random_model(arch: str, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    from chattune.models import tokenizer_asset_dir
+    from chattune.paths import tokenizer_asset_dir
 
     if (target / "config.json").is_file():
         return target
@@ -136,13 +136,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
-    from chattune.config import config_from_dict, parse_overrides
-    from chattune.train import run
+    from chattune.config.load import config_from_dict, parse_overrides
+    from chattune.train.job import run
 
     if a.no_lora_fusion:
-        import chattune.compiling
+        import chattune.train.compiling
 
-        chattune.compiling.fuse_lora_inputs = lambda graph: 0
+        chattune.train.compiling.fuse_lora_inputs = lambda graph: 0
 
     t0 = time.perf_counter()
     model_dir = write_random_model(a.arch, Path(a.model_dir) / a.arch)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from chattune.benchmark_readers import read_benchmark
-from chattune.benchmarks import build_messages, letter_ids, score_choices, score_letters, summarize
 from chattune.errors import ChattuneError, DataError
+from chattune.evaluate.benchmark_readers import read_benchmark
+from chattune.evaluate.benchmarks import build_messages, letter_ids, score_choices, score_letters, summarize
 
 # (question, A, B, C, D, answer)
 GEOGRAPHY_ZH = [
@@ -277,7 +277,7 @@ def test_wrong_folder_subject_and_shots_are_named(tmp_path):
 
 
 def test_k_shot_prompt_holds_k_dev_examples_then_the_question(tmp_path, qwen_tokenizer):
-    from chattune.templates import build_generation_prompt
+    from chattune.render.template import build_generation_prompt
 
     bench = read_benchmark("ceval", write_ceval(tmp_path), shots=2, subjects=["high_school_geography"])
     subject = bench.subjects[0]
@@ -292,7 +292,7 @@ def test_k_shot_prompt_holds_k_dev_examples_then_the_question(tmp_path, qwen_tok
 
 
 def _loaded(model_dir: Path):
-    from chattune.loading import load_for_inference
+    from chattune.infer.load import load_for_inference
 
     return load_for_inference(model_dir, device="cpu")
 
@@ -315,7 +315,7 @@ def _flat(rows: list[list[float]]) -> list[float]:
 
 
 def test_batched_scores_equal_brute_force_loglikelihood(tmp_path, tiny_model_dir, one_torch_thread):
-    from chattune.benchmarks import build_prompt_text
+    from chattune.evaluate.benchmarks import build_prompt_text
 
     loaded = _loaded(tiny_model_dir)
     bench = read_benchmark("cmmlu", write_cmmlu(tmp_path), shots=1)
@@ -386,8 +386,8 @@ def test_lm_eval_backend_gives_the_same_answers_and_accuracy(tmp_path, tiny_mode
     """lm-evaluation-harness scores the same rendered prompts: each letter's log-likelihood differs from
     chattune's by one shared term (lm-eval moves the prompt's final newline into the continuation)."""
     pytest.importorskip("lm_eval", reason="pip install lm-eval for the lm-eval backend")
-    from chattune.benchmark_lmeval import score_with_lm_eval
-    from chattune.benchmarks import score_benchmark
+    from chattune.evaluate.benchmark_lmeval import score_with_lm_eval
+    from chattune.evaluate.benchmarks import score_benchmark
 
     loaded = _loaded(tiny_model_dir)
     bench = read_benchmark("ceval", write_ceval(tmp_path), shots=1)
@@ -428,10 +428,10 @@ def test_eval_benchmarks_before_and_after_in_metrics_report_and_compare(
     """Measured: 0.0 before, 100.0 after (the tiny model learns the marker through its trained lm_head)."""
     from conftest import build_tiny_model_dir
 
-    from chattune.compare import write_compare
-    from chattune.config import config_from_dict
-    from chattune.report import write_report
-    from chattune.train import run
+    from chattune.config.load import config_from_dict
+    from chattune.report.compare import write_compare
+    from chattune.report.run_report import write_report
+    from chattune.train.job import run
 
     data, mcq = write_marker_set(tmp_path)
     bench = {"task": "mcq", "data": str(mcq), "name": "marker", "scoring": "choice"}
@@ -465,8 +465,8 @@ def test_eval_benchmarks_before_and_after_in_metrics_report_and_compare(
 def test_a_bad_benchmark_file_stops_the_run_before_its_directory_exists(tmp_path, tiny_model_dir):
     from conftest import write_huanhuan_slice
 
-    from chattune.config import config_from_dict
-    from chattune.train import run
+    from chattune.config.load import config_from_dict
+    from chattune.train.job import run
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "choices": ["a"], "answer": "A"}\n')
@@ -506,7 +506,7 @@ def test_real_model_knows_capitals_above_chance(tmp_path):
     chance (2-shot on the eight: 2/8, it answered C to all of them), as small models are on MMLU's lettered
     form, so that form is not asserted on this model."""
     _smollm2_or_skip()
-    from chattune.benchmarks import run_bench
+    from chattune.evaluate.bench_command import run_bench
 
     root = write_mmlu(tmp_path / "mmlu", CAPITALS_EN[:4], CAPITALS_EN_DEV[:1])
     result = run_bench(
@@ -519,7 +519,7 @@ def test_real_model_knows_capitals_above_chance(tmp_path):
 def test_progress_line_says_done_total_rate_and_time_left():
     import time
 
-    from chattune.infer import progress_line
+    from chattune.infer.predict import progress_line
 
     line = progress_line(2, 4, time.monotonic() - 10)
     assert line.startswith("2/4 answered (10 s, 0.20/s, about 10 s left)"), line
@@ -527,9 +527,9 @@ def test_progress_line_says_done_total_rate_and_time_left():
 
 
 def test_demo_scores_its_general_knowledge_set_and_prints_it(tmp_path, capsys):
-    from chattune.benchmarks import read_benchmark_configs
-    from chattune.config import config_from_dict
+    from chattune.config.load import config_from_dict
     from chattune.demo import demo_config_tree, print_knowledge_kept
+    from chattune.evaluate.benchmarks import read_benchmark_configs
 
     cfg = config_from_dict(demo_config_tree(str(tmp_path / "demo")), "demo config")
     ((entry, bench),) = read_benchmark_configs(cfg.eval.benchmarks)  # the bundled files are in layout

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chattune.cli import main
+from chattune.cli.parser import main
 
 GOOD_ROW = {"instruction": "你好", "output": "你好，有什么可以帮你？"}
 
@@ -42,9 +42,9 @@ def _config(tmp_path: Path, extra: str = "", data: Path | None = None) -> Path:
 @pytest.fixture(autouse=True)
 def _tokenizer_read_once(monkeypatch):
     """`train` reads the 151k-token tokenizer (~1 s) before it reads the data: read it once here."""
-    import chattune.train
+    import chattune.train.job
 
-    real = chattune.train.load_tokenizer
+    real = chattune.train.job.load_tokenizer
     cache = _TOKENIZERS
 
     def cached(model_dir, cfg):
@@ -53,7 +53,7 @@ def _tokenizer_read_once(monkeypatch):
             cache[key] = real(model_dir, cfg)
         return cache[key]
 
-    monkeypatch.setattr(chattune.train, "load_tokenizer", cached)
+    monkeypatch.setattr(chattune.train.job, "load_tokenizer", cached)
 
 
 _TOKENIZERS: dict = {}
@@ -331,8 +331,8 @@ def server(tiny_model_dir, qwen_tokenizer, tmp_path_factory, one_torch_thread):
     from test_infer import make_adapter_dir
     from test_serve import serving
 
-    from chattune.loading import load_for_inference
-    from chattune.serve import build_app
+    from chattune.infer.load import load_for_inference
+    from chattune.infer.serve import build_app
 
     adapter = make_adapter_dir(tiny_model_dir, tmp_path_factory.mktemp("broken") / "adapter", qwen_tokenizer)
     with serving(build_app(load_for_inference(adapter, device="cpu"), default_max_tokens=2)) as url:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.cli import main
+from chattune.cli.parser import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_hub_id_fails_fast_offline(good_config, tmp_path, capsys, monkeypatch):
 def test_help_is_instant():
     t = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "chattune.cli", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "chattune", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "demo" in out.stdout
     assert time.monotonic() - t < 10  # no torch/transformers import for --help

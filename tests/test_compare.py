@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-from chattune.charts import svg_chart
-from chattune.cli import main
-from chattune.compare import differing_keys, safetensors_numel, write_compare
-from chattune.config import Config, config_to_dict
+from chattune.cli.parser import main
+from chattune.config.load import config_to_dict
+from chattune.config.schema import Config
+from chattune.report.charts import svg_chart
+from chattune.report.compare import differing_keys, write_compare
+from chattune.report.reader import safetensors_numel
 
 PROMPTS = ["你是谁？", "皇上驾到！"]
 
@@ -192,7 +194,7 @@ def test_safetensors_numel_reads_the_header_only(tmp_path):
 
 
 def test_differing_keys_ignore_where_runs_go(two_runs):
-    from chattune.compare import _load
+    from chattune.report.compare import _load
 
     runs = [_load(d, i) for i, d in enumerate(two_runs)]
     assert differing_keys(runs) == ["lora.r"]  # train.output_dir differs too, by construction

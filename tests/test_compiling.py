@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from chattune.compiling import compile_cache_dir, doc_bound, eager, mark_doc_count_dynamic, use_compile_cache
+from chattune.train.compiling import (
+    compile_cache_dir,
+    doc_bound,
+    eager,
+    mark_doc_count_dynamic,
+    use_compile_cache,
+)
 
 
 def test_compile_cache_lives_under_chattune_cache(monkeypatch, tmp_path):
@@ -85,7 +91,7 @@ def _run_layer(model, backend):
 
 
 def test_lora_a_projections_sharing_an_input_run_as_one_matmul():
-    from chattune.compiling import fuse_lora_inputs
+    from chattune.train.compiling import fuse_lora_inputs
 
     seen: list[int] = []
 
@@ -111,7 +117,7 @@ def test_lora_a_projections_sharing_an_input_run_as_one_matmul():
 
 
 def test_lora_dropout_leaves_the_projections_apart():
-    from chattune.compiling import fuse_lora_inputs
+    from chattune.train.compiling import fuse_lora_inputs
 
     fused: list[int] = []
 

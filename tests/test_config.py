@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from chattune.config import Config, config_from_dict, dump_config, load_config
+from chattune.config.load import config_from_dict, dump_config, load_config
+from chattune.config.schema import Config
 from chattune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_swanlab_name_rule_is_swanlabs_own():
     from pydantic import TypeAdapter, ValidationError
     from swanlab.sdk.internal.pkg.constraints import ProjectName
 
-    from chattune.config import _SWANLAB_PROJECT
+    from chattune.config.checks import _SWANLAB_PROJECT
 
     adapter = TypeAdapter(ProjectName)
     for name in [

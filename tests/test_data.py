@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.config import ColumnsConfig, DataConfig
+from chattune.config.schema import ColumnsConfig, DataConfig
 from chattune.data import NEWS_CLS_SYSTEM, read_conversations, read_splits, split_conversations, to_messages
 from chattune.errors import ConfigError, DataError
 
@@ -152,9 +152,9 @@ def test_csv_parquet_and_saved_dataset_read_the_same_records(tmp_path):
 def test_hub_dataset_ids_fail_fast_offline(spec, monkeypatch):
     import time
 
-    import chattune.models
+    import chattune.paths
 
-    monkeypatch.setattr(chattune.models, "_reachable", lambda host, timeout_s=3.0: False)
+    monkeypatch.setattr(chattune.paths, "host_reachable", lambda host, timeout_s=3.0: False)
     t0 = time.time()
     with pytest.raises(DataError, match="Download it where there is network") as e:
         read_conversations(spec)
@@ -235,7 +235,8 @@ def test_mixing_sampling_dedup_and_split_are_deterministic(tmp_path):
 def test_config_keys_round_trip_through_yaml():
     import yaml
 
-    from chattune.config import Config, config_from_dict, dump_config
+    from chattune.config.load import config_from_dict, dump_config
+    from chattune.config.schema import Config
 
     cfg = config_from_dict(
         {
@@ -307,7 +308,7 @@ def test_eval_converter_for_mixed_sources(tmp_path):
 
 
 def test_eval_command_fills_identity_placeholders(tmp_path):
-    from chattune.evaluate import read_eval_samples
+    from chattune.evaluate.judge import read_eval_samples
 
     held = tmp_path / "held.json"
     held.write_text(

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chattune.cli import main
+from chattune.cli.parser import main
 from chattune.data import Conversation, read_conversations
-from chattune.datacheck import histogram, length_table, preflight
-from chattune.templates import IGNORE_INDEX
+from chattune.render.examples import IGNORE_INDEX
+from chattune.render.preflight import preflight
+from chattune.render.stats import histogram, length_table
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = REPO / "tests" / "assets" / "data" / "broken"
@@ -80,7 +81,7 @@ def test_preview_json_checked_by_an_outside_script(tmp_path, qwen_tokenizer):
         {"train_path": str(REPO / "data/news-cls/news_cls.jsonl"), "converter": "news_cls", "max_len": 384},
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "chattune.cli", "data", "preview", str(cfg), "--json", "-n", "25"],
+        [sys.executable, "-m", "chattune", "data", "preview", str(cfg), "--json", "-n", "25"],
         capture_output=True,
         text=True,
         check=True,

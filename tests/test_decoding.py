@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chattune.decoding import can_decode_static, greedy_decode
+from chattune.infer.graph_decode import can_decode_static, greedy_decode
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,18 +15,12 @@ import pytest
 import torch
 import yaml
 
-from chattune.config import TrainConfig, config_from_dict
-from chattune.distributed import (
-    World,
-    check_launch,
-    loopback_env,
-    read_world,
-    share_window,
-    torchrun_command,
-)
-from chattune.engines import OneProcess, Replicas, Shards, build_engine, engine_for
+from chattune.config.load import config_from_dict
+from chattune.config.schema import TrainConfig
 from chattune.errors import ChattuneError, ConfigError
-from chattune.train import run
+from chattune.train.job import run
+from chattune.train.strategies import OneProcess, Replicas, Shards, build_strategy, strategy_for
+from chattune.train.world import World, check_launch, loopback_env, read_world, share_window, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"
@@ -67,9 +61,9 @@ def test_engines_chosen_in_accelerate_config_are_not_silently_ignored():
 
 
 def test_one_engine_per_launch_and_one_process_is_plain_torch():
-    assert engine_for(World(), "fsdp") is OneProcess  # nothing to share without a second process
-    assert engine_for(World(rank=1, size=2), "ddp") is Replicas
-    assert engine_for(World(rank=1, size=2), "fsdp") is Shards
+    assert strategy_for(World(), "fsdp") is OneProcess  # nothing to share without a second process
+    assert strategy_for(World(rank=1, size=2), "ddp") is Replicas
+    assert strategy_for(World(rank=1, size=2), "fsdp") is Shards
     assert Shards.sharded and not Replicas.sharded and not OneProcess.sharded
 
     torch.manual_seed(0)
@@ -79,21 +73,21 @@ def test_one_engine_per_launch_and_one_process_is_plain_torch():
     def loss_of(m, b):
         return m(b["x"]).sum()
 
-    engine = build_engine(model, TrainConfig(distributed="fsdp"), World(), "cpu", loss_of)
-    assert isinstance(engine, OneProcess) and engine.trainable_state() is None
-    with engine.micro_batch(last=False):
-        loss = engine.loss(batch)
+    strategy = build_strategy(model, TrainConfig(distributed="fsdp"), World(), loss_of)
+    assert isinstance(strategy, OneProcess) and strategy.trainable_state() is None
+    with strategy.micro_batch(last=False):
+        loss = strategy.loss(batch)
         loss.backward()
     assert torch.equal(loss, loss_of(model, batch))
     total = loss.detach().clone()
-    assert engine.reduce_loss_(total) is total and torch.equal(total, loss)  # nothing to sum
+    assert strategy.reduce_loss_(total) is total and torch.equal(total, loss)  # nothing to sum
     want = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
-    assert torch.allclose(engine.clip_grad_norm(list(model.parameters()), 1e9), want)
+    assert torch.allclose(strategy.clip_grad_norm(list(model.parameters()), 1e9), want)
 
 
 def test_fsdp_asked_for_in_one_process_says_it_shards_nothing(tmp_path, monkeypatch, capsys):
-    from chattune.config import load_config
-    from chattune.train import check_run
+    from chattune.config.load import load_config
+    from chattune.train.job import check_run
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -109,9 +103,9 @@ def test_fsdp_asked_for_in_one_process_says_it_shards_nothing(tmp_path, monkeypa
 
 def test_gpus_flag_runs_chattune_under_torchrun():
     cmd = torchrun_command(4, ["train", "c.yaml", "train.lr=1e-4"])
-    assert cmd[:3] == [sys.executable, "-m", "chattune.distributed"]  # torchrun with a loopback rendezvous
+    assert cmd[:3] == [sys.executable, "-m", "chattune.train.world"]  # torchrun with a loopback rendezvous
     assert "--nproc_per_node=4" in cmd and "--rdzv-backend=chattune-loopback" in cmd
-    assert cmd[-5:] == ["-m", "chattune.cli", "train", "c.yaml", "train.lr=1e-4"]
+    assert cmd[-5:] == ["-m", "chattune", "train", "c.yaml", "train.lr=1e-4"]
     assert loopback_env({})["GLOO_SOCKET_IFNAME"] == "lo"
     assert loopback_env({"NCCL_SOCKET_IFNAME": "eth1"})["NCCL_SOCKET_IFNAME"] == "eth1"  # the user's choice
 
@@ -329,8 +323,8 @@ def test_unsupported_launches_fail_before_any_collective(
 def test_a_model_without_decoder_layers_names_the_setting_that_needs_them():
     import torch
 
-    from chattune.engines import decoder_layers
     from chattune.errors import ChattuneError
+    from chattune.train.strategies import decoder_layers
 
     with pytest.raises(ChattuneError, match=r"^train.distributed: cannot find .*set train.distributed: ddp$"):
         decoder_layers(torch.nn.Linear(2, 2), "train.distributed: ddp")

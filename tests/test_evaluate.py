@@ -14,7 +14,7 @@ import torch
 from test_infer import SYSTEM, make_adapter_dir
 
 from chattune.errors import ChattuneError, DataError
-from chattune.metrics import compute_metrics, default_metrics
+from chattune.evaluate.metrics import compute_metrics, default_metrics
 
 RECORDS = [
     {"instruction": "你是谁？", "input": "", "output": "我是甄嬛，家父是大理寺少卿甄远道。"},
@@ -54,14 +54,21 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def test_adapter_and_base_model_on_the_same_data(adapter_dir, tiny_model_dir, data, tmp_path, capsys) -> None:
-    from chattune.evaluate import run_eval
-    from chattune.infer import generate
-    from chattune.loading import load_for_inference
+    from chattune.cli import main
+    from chattune.evaluate.command import format_metrics_table, run_eval
+    from chattune.infer.generation import generate
+    from chattune.infer.load import load_for_inference
 
     kw = dict(max_new_tokens=5, batch_size=3, device="cpu")
     tuned = run_eval(adapter_dir, data, output_dir=tmp_path / "tuned", **kw)
-    base = run_eval(tiny_model_dir, data, output_dir=tmp_path / "base", **kw)
-    printed = capsys.readouterr().out
+    capsys.readouterr()
+    flags = ["--max-new-tokens", "5", "--batch-size", "3", "--device", "cpu"]  # the `chattune eval` command
+    assert (
+        main(["eval", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "base"), *flags])
+        == 0
+    )
+    base = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    printed = format_metrics_table(tuned) + "\n" + capsys.readouterr().out
 
     rows = {name: _read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("tuned", "base")}
     saved = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("tuned", "base")}
@@ -110,10 +117,10 @@ def test_adapter_and_base_model_on_the_same_data(adapter_dir, tiny_model_dir, da
     assert f"wrote {tmp_path / 'base' / 'predictions.jsonl'}" in printed
 
 
-def test_samples_system_prompt_and_classification(tiny_model_dir, data, capsys) -> None:
-    from chattune.evaluate import run_eval
-    from chattune.infer import generate
-    from chattune.loading import load_for_inference
+def test_samples_system_prompt_and_classification(tiny_model_dir, data) -> None:
+    from chattune.evaluate.command import format_metrics_table, run_eval
+    from chattune.infer.generation import generate
+    from chattune.infer.load import load_for_inference
 
     result = run_eval(
         tiny_model_dir,
@@ -133,11 +140,11 @@ def test_samples_system_prompt_and_classification(tiny_model_dir, data, capsys) 
     ]
     refs = ["我是甄嬛，家父是大理寺少卿甄远道。", "皇上万福金安。"]
     assert result["metrics"] == pytest.approx(compute_metrics(answers, refs, ["accuracy", "macro_f1"]))
-    assert "accuracy" in capsys.readouterr().out
+    assert "accuracy" in format_metrics_table(result)
 
 
 def test_user_mistakes_fail_before_the_model_loads(data, tmp_path) -> None:
-    from chattune.evaluate import run_eval
+    from chattune.evaluate.command import run_eval
 
     missing_model = tmp_path / "no-such-model"  # reaching the model would raise ModelError instead
     with pytest.raises(ChattuneError, match="unknown metric.*bleu5"):
@@ -158,7 +165,7 @@ def test_user_mistakes_fail_before_the_model_loads(data, tmp_path) -> None:
 
 
 def test_cli_eval_and_its_errors(adapter_dir, data, tmp_path, capsys) -> None:
-    from chattune.cli import main
+    from chattune.cli.parser import main
 
     out = tmp_path / "out"
     argv = ["eval", str(adapter_dir), "--data", str(data), "--output", str(out), "--samples", "1"]
@@ -176,7 +183,7 @@ def test_eval_loss_is_the_per_token_mean_whatever_the_batching(tiny_model_dir) -
     same for any batch size, computed without the model's full-vocabulary logits; train mode is kept."""
     from transformers import AutoModelForCausalLM
 
-    from chattune.evaluate import eval_loss
+    from chattune.evaluate.judge import eval_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     g = torch.Generator().manual_seed(0)
@@ -202,7 +209,7 @@ def test_eval_loss_is_the_per_token_mean_whatever_the_batching(tiny_model_dir) -
 
 def test_missing_samples_file_names_eval_samples_path(tmp_path):
     # The reader's own hint named data.train_path / data.eval_path, which a user had not got wrong.
-    from chattune.evaluate import read_samples
+    from chattune.evaluate.judge import read_samples
 
     with pytest.raises(DataError, match=r"nope\.jsonl: file not found; check eval\.samples_path$"):
         read_samples(tmp_path / "nope.jsonl", 2)

@@ -89,7 +89,7 @@ def _load_gguf(path: Path):
 
 def _prompt_ids(tokenizer, question: str) -> torch.Tensor:
     """The generation prompt as chattune builds it for the adapter (its system prompt added)."""
-    from chattune.templates import build_generation_prompt
+    from chattune.render.template import build_generation_prompt
 
     text = build_generation_prompt(tokenizer, [{"role": "user", "content": question}], SYSTEM)
     return tokenizer(text, return_tensors="pt")["input_ids"]
@@ -112,10 +112,10 @@ def smol(tmp_path_factory):
     """Adapter, merged model + tokenizer, and the f16 / q8_0 exports, built once for the module."""
     from transformers import AutoTokenizer
 
-    from chattune.export import export_gguf
-    from chattune.loading import read_model_source
-    from chattune.merge import load_merged
-    from chattune.models import resolve_model_dir
+    from chattune.infer.export_gguf import export_gguf
+    from chattune.infer.load import read_model_source
+    from chattune.infer.merge import load_merged
+    from chattune.model.resolve import resolve_model_dir
 
     base = resolve_model_dir(SMOL)
     root = tmp_path_factory.mktemp("smol")
@@ -165,7 +165,7 @@ def test_q8_0_stays_close(smol):
 
 @needs_smollm2
 def test_read_back_tokenizer_and_template(smol, smol_f16):
-    from chattune.templates import build_generation_prompt
+    from chattune.render.template import build_generation_prompt
 
     tok = smol["tok"]
     _, back = smol_f16
@@ -274,9 +274,9 @@ def test_llama_cpp_itself_answers_the_same(smol, tmp_path):
 
 # -- qwen2: conftest's tiny model, untied lm_head, the real Qwen2.5 tokenizer ----------------------------------
 def test_qwen2_round_trip(tmp_path_factory, qwen_tokenizer):
-    from chattune.export import export_gguf
-    from chattune.loading import read_model_source
-    from chattune.merge import load_merged
+    from chattune.infer.export_gguf import export_gguf
+    from chattune.infer.load import read_model_source
+    from chattune.infer.merge import load_merged
 
     root = tmp_path_factory.mktemp("qwen2")
     base = build_tiny_model_dir(root / "base", qwen_tokenizer, tie_word_embeddings=False)
@@ -303,8 +303,8 @@ def test_qwen2_round_trip(tmp_path_factory, qwen_tokenizer):
 
 # -- refusals: one clear error, nothing written ----------------------------------------------------------------
 def test_bad_input_is_one_error_and_writes_nothing(tmp_path, tiny_model_dir):
-    from chattune.cli import main
-    from chattune.export import export_gguf
+    from chattune.cli.parser import main
+    from chattune.infer.export_gguf import export_gguf
 
     out = tmp_path / "out"
     out.mkdir()
@@ -329,7 +329,7 @@ def test_bad_input_is_one_error_and_writes_nothing(tmp_path, tiny_model_dir):
 
 
 def test_pre_tokenizer_names_and_refusal(qwen_tokenizer):
-    from chattune.export import tokenizer_pre_name
+    from chattune.infer.export_gguf import tokenizer_pre_name
 
     class Fake:  # only the tokenizer.json the function reads
         def __init__(self, spec):
@@ -354,7 +354,7 @@ def test_pre_tokenizer_names_and_refusal(qwen_tokenizer):
 
 
 def test_system_prompt_goes_into_the_template_literally(qwen_tokenizer):
-    from chattune.export import template_with_system
+    from chattune.infer.export_gguf import template_with_system
 
     tricky = 'Say "{{ x }}" and {% raw %} \\n, then stop.\nLine two: 你好'
     template = template_with_system(qwen_tokenizer.chat_template, tricky)

@@ -25,8 +25,8 @@ needs_smollm2 = pytest.mark.skipif(not _smollm2_installed(), reason="pip install
 
 @needs_smollm2
 def test_builtin_and_gguf_path_resolve_to_one_converted_directory():
-    from chattune.gguf_source import read_gguf_origin, smollm2_gguf_path
-    from chattune.models import resolve_model_dir
+    from chattune.model.gguf import read_gguf_origin, smollm2_gguf_path
+    from chattune.model.resolve import resolve_model_dir
 
     built_in = resolve_model_dir("builtin:smollm2-135m-instruct")
     by_path = resolve_model_dir(str(smollm2_gguf_path()))  # a .gguf path, converted once, by hash
@@ -48,8 +48,8 @@ def test_converted_model_answers_like_the_gguf_file():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chattune.gguf_source import smollm2_gguf_path
-    from chattune.models import resolve_model_dir
+    from chattune.model.gguf import smollm2_gguf_path
+    from chattune.model.resolve import resolve_model_dir
 
     path = smollm2_gguf_path()
     direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -60,7 +60,7 @@ def test_converted_model_answers_like_the_gguf_file():
 
 
 def test_a_gguf_path_that_is_missing_or_not_gguf_is_one_clear_error(tmp_path):
-    from chattune.models import resolve_model_dir
+    from chattune.model.resolve import resolve_model_dir
 
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_dir(str(tmp_path / "nope.gguf"))
@@ -75,7 +75,7 @@ def test_an_architecture_transformers_cannot_read_is_named(tmp_path):
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from chattune.models import resolve_model_dir
+    from chattune.model.resolve import resolve_model_dir
 
     path = tmp_path / "bert.gguf"
     w = gguf.GGUFWriter(str(path), "bert")
@@ -89,8 +89,8 @@ def test_an_architecture_transformers_cannot_read_is_named(tmp_path):
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
-    from chattune import gguf_source
-    from chattune.models import resolve_model_dir
+    from chattune.model import gguf as gguf_source
+    from chattune.model.resolve import resolve_model_dir
 
     def missing(name):
         raise metadata.PackageNotFoundError(name)
@@ -101,14 +101,14 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
 
 
 def test_unknown_builtin_lists_the_known_ones():
-    from chattune.models import resolve_model_dir
+    from chattune.model.resolve import resolve_model_dir
 
     with pytest.raises(ModelError, match="builtin:smollm2-135m-instruct, builtin:tiny-qwen2"):
         resolve_model_dir("builtin:gpt-5")
 
 
 def test_template_default_system_prompt(qwen_tokenizer):
-    from chattune.templates import template_default_system
+    from chattune.render.template import template_default_system
 
     assert (
         template_default_system(qwen_tokenizer)
@@ -129,7 +129,7 @@ def test_a_cut_off_answer_never_ends_in_a_broken_character(qwen_tokenizer):
     """A length-bounded answer can stop inside a character's bytes; the decoded text drops the stub."""
     from types import SimpleNamespace
 
-    from chattune.infer import _completion
+    from chattune.infer.generation import _completion
 
     ids = qwen_tokenizer("法律咨询：劳动合同", add_special_tokens=False)["input_ids"]
     # find a prefix of the ids whose decoding ends inside a multi-byte character

@@ -58,7 +58,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory, qwen_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(adapter_dir):
-    from chattune.loading import load_for_inference
+    from chattune.infer.load import load_for_inference
 
     return load_for_inference(adapter_dir, device="cpu")
 
@@ -86,7 +86,7 @@ def test_tutorial_inference_code_works_on_the_adapter(adapter_dir, tiny_model_di
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     theirs = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     # Ours: the stored system prompt is added, so the same text and the same greedy answer come out.
-    from chattune.infer import build_prompt, generate
+    from chattune.infer.generation import build_prompt, generate
 
     assert build_prompt(loaded, messages[1:]) == text
     assert generate(loaded, [messages[1:]], max_new_tokens=6) == [theirs]
@@ -107,7 +107,7 @@ def test_loaded_facts(loaded):
 
 
 def test_build_prompt_system_handling(loaded):
-    from chattune.infer import build_prompt
+    from chattune.infer.generation import build_prompt
 
     user = [{"role": "user", "content": "hi"}]
     assert build_prompt(loaded, user).startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>")
@@ -118,7 +118,7 @@ def test_build_prompt_system_handling(loaded):
 
 
 def test_batched_generation_equals_one_at_a_time(loaded):
-    from chattune.infer import generate
+    from chattune.infer.generation import generate
 
     batched = generate(loaded, QUESTIONS, max_new_tokens=8)
     single = [generate(loaded, [q], max_new_tokens=8)[0] for q in QUESTIONS]
@@ -135,7 +135,7 @@ def test_batched_generation_equals_one_at_a_time(loaded):
 def test_completion_reasons_and_stops(loaded):
     from dataclasses import replace
 
-    from chattune.infer import generate, generate_completions
+    from chattune.infer.generation import generate, generate_completions
 
     [free] = generate_completions(loaded, QUESTIONS[:1], max_new_tokens=6)
     assert free.finish_reason == "length" and free.completion_tokens == 6 and free.prompt_tokens > 0
@@ -160,7 +160,7 @@ def test_completion_reasons_and_stops(loaded):
 
 def _greedy_ids(loaded, messages: list[dict], k: int) -> list[int]:
     """The ids the model itself generates, through plain transformers."""
-    from chattune.infer import build_prompt
+    from chattune.infer.generation import build_prompt
 
     enc = loaded.tokenizer([build_prompt(loaded, messages)], return_tensors="pt", add_special_tokens=False)
     out = loaded.model.generate(**enc, max_new_tokens=k, do_sample=False, eos_token_id=None)
@@ -168,7 +168,7 @@ def _greedy_ids(loaded, messages: list[dict], k: int) -> list[int]:
 
 
 def test_stream_matches_generate(loaded):
-    from chattune.infer import Completion, generate, stream, stream_events
+    from chattune.infer.generation import Completion, generate, stream, stream_events
 
     expected = generate(loaded, [QUESTIONS[1]], max_new_tokens=10)[0]
     pieces = list(stream(loaded, QUESTIONS[1], max_new_tokens=10))
@@ -181,7 +181,7 @@ def test_stream_matches_generate(loaded):
 def test_stream_closed_early_stops_generation(loaded):
     import threading
 
-    from chattune.infer import stream
+    from chattune.infer.generation import stream
 
     it = stream(loaded, QUESTIONS[0], max_new_tokens=200)
     next(it)
@@ -190,7 +190,7 @@ def test_stream_closed_early_stops_generation(loaded):
 
 
 def test_missing_paths_are_model_errors(tmp_path, adapter_dir):
-    from chattune.loading import load_for_inference
+    from chattune.infer.load import load_for_inference
 
     with pytest.raises(ModelError, match="nope"):
         load_for_inference(tmp_path / "nope")
@@ -208,8 +208,8 @@ def test_missing_paths_are_model_errors(tmp_path, adapter_dir):
 
 
 def test_builtin_base_is_rebuilt_when_its_directory_is_gone(tmp_path, monkeypatch, tiny_model_dir):
-    import chattune.models
-    from chattune.loading import read_model_source
+    import chattune.model.resolve
+    from chattune.infer.load import read_model_source
 
     calls = []
 
@@ -217,7 +217,7 @@ def test_builtin_base_is_rebuilt_when_its_directory_is_gone(tmp_path, monkeypatc
         calls.append(name)
         return tiny_model_dir
 
-    monkeypatch.setattr(chattune.models, "materialize_builtin", fake_materialize)
+    monkeypatch.setattr(chattune.model.resolve, "materialize_builtin", fake_materialize)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone"}))
@@ -228,8 +228,8 @@ def test_builtin_base_is_rebuilt_when_its_directory_is_gone(tmp_path, monkeypatc
 
 
 def test_plain_model_dir_loads(tiny_model_dir):
-    from chattune.infer import generate
-    from chattune.loading import load_for_inference
+    from chattune.infer.generation import generate
+    from chattune.infer.load import load_for_inference
 
     plain = load_for_inference(tiny_model_dir, device="cpu")
     assert plain.system_prompt is None and plain.end_of_turn_token == "<|im_end|>"
@@ -237,7 +237,8 @@ def test_plain_model_dir_loads(tiny_model_dir):
 
 
 def test_predict_file(loaded, tmp_path, capsys):
-    from chattune.infer import generate, predict_file
+    from chattune.infer.generation import generate
+    from chattune.infer.predict import predict_file
 
     src = tmp_path / "in.jsonl"
     records = [
@@ -282,8 +283,8 @@ def _feed(lines: list[str]):
 def test_chat_commands(loaded, monkeypatch):
     import io
 
-    import chattune.chat
-    from chattune.chat import run_chat
+    import chattune.infer.chat
+    from chattune.infer.chat import run_chat
 
     seen: list[list[dict]] = []
 
@@ -291,7 +292,7 @@ def test_chat_commands(loaded, monkeypatch):
         seen.append([dict(m) for m in messages])
         yield from ["ok", "!"]
 
-    monkeypatch.setattr(chattune.chat, "stream", fake_stream)
+    monkeypatch.setattr(chattune.infer.chat, "stream", fake_stream)
     read, rest = _feed(
         [
             "hello",
@@ -326,8 +327,8 @@ def test_chat_commands(loaded, monkeypatch):
 def test_chat_streams_the_real_answer(loaded):
     import io
 
-    from chattune.chat import run_chat
-    from chattune.infer import generate
+    from chattune.infer.chat import run_chat
+    from chattune.infer.generation import generate
 
     read, _ = _feed(["你好"])
     out = io.StringIO()
@@ -339,8 +340,8 @@ def test_chat_streams_the_real_answer(loaded):
 
 def test_predict_command(adapter_dir, loaded, tmp_path, capsys):
     """`chattune predict` through the CLI: the same answers as `generate` (the server's code path)."""
-    from chattune.cli import main
-    from chattune.infer import generate
+    from chattune.cli.parser import main
+    from chattune.infer.generation import generate
 
     src = tmp_path / "in.jsonl"
     records = [
@@ -374,10 +375,10 @@ def test_chat_command_with_piped_stdin(adapter_dir, loaded):
     import subprocess
     import sys
 
-    from chattune.infer import generate
+    from chattune.infer.generation import generate
 
     lines = ["你好", "/system Be brief.", "second", "/reset", "third", "/exit", "never"]
-    cmd = [sys.executable, "-m", "chattune.cli", "chat", str(adapter_dir), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "chattune", "chat", str(adapter_dir), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
     done = subprocess.run(
         [*cmd, "--max-new-tokens", "4"],
@@ -417,10 +418,10 @@ def test_chat_writes_to_the_current_stdout(loaded, monkeypatch):
     import contextlib
     import io
 
-    import chattune.chat
-    from chattune.chat import run_chat
+    import chattune.infer.chat
+    from chattune.infer.chat import run_chat
 
-    monkeypatch.setattr(chattune.chat, "stream", lambda loaded, messages, **kw: iter(["streamed"]))
+    monkeypatch.setattr(chattune.infer.chat, "stream", lambda loaded, messages, **kw: iter(["streamed"]))
     read, _ = _feed(["hi"])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -432,7 +433,7 @@ def test_chat_names_the_templates_default_system_prompt(loaded):
     """No stored system prompt, but the template inserts one (Qwen's, SmolLM2's): chat says which."""
     import io
 
-    from chattune.chat import run_chat
+    from chattune.infer.chat import run_chat
 
     saved = loaded.system_prompt
     loaded.system_prompt = None

@@ -13,14 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chattune.attention import (
+from chattune.model.attention import (
     VARLEN,
     cu_seq_lens_from_position_ids,
     pick_attn_implementation,
     register_attention,
 )
-from chattune.loss import activation_bytes_per_token, add_target_index, checkpointing_needed, lm_loss_sum
-from chattune.packing import IGNORE_INDEX, collate_packed, collate_padded
+from chattune.model.loss import (
+    activation_bytes_per_token,
+    add_target_index,
+    checkpointing_needed,
+    lm_loss_sum,
+)
+from chattune.render.packing import IGNORE_INDEX, collate_packed, collate_padded
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -135,7 +140,7 @@ def test_fixed_shape_pack_equals_unpadded_pack(tiny_model_dir, attn):
 
 def test_varlen_attention_computes_in_the_autocast_dtype_like_sdpa():
     """fp32 q/k (RoPE with fp32 weights) and bf16 v under autocast: attention runs in bf16, as SDPA would."""
-    from chattune.attention import varlen_attention_forward
+    from chattune.model.attention import varlen_attention_forward
 
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 9, 8, generator=gen), torch.randn(1, 2, 9, 8, generator=gen)
@@ -160,7 +165,7 @@ def test_packed_varlen_skips_transformers_mask_building(tiny_model_dir, monkeypa
     """Packed + chattune_varlen: no packed-sequence detection (a GPU sync), and the same loss and grads."""
     import transformers.masking_utils as mu
 
-    import chattune.loss as loss_mod
+    import chattune.model.loss as loss_mod
 
     model = _load(tiny_model_dir, VARLEN)
     packed = collate_packed(_docs())
@@ -245,7 +250,7 @@ def test_trained_head_gradients(tiny_model_dir, tied):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ce_chunk_and_grad_equals_autograd(dtype):
     """The GPU's fused per-chunk math (run eagerly here) = F.cross_entropy and its autograd gradient."""
-    from chattune.loss import ce_chunk_and_grad
+    from chattune.model.loss import ce_chunk_and_grad
 
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
@@ -265,7 +270,7 @@ def test_fused_ce_branch_equals_eager(tiny_model_dir, monkeypatch, tied):
     """The branch the GPU takes (fused chunk math) gives the eager loop's loss and gradients."""
     from transformers import AutoModelForCausalLM
 
-    import chattune.loss as loss_mod
+    import chattune.model.loss as loss_mod
 
     def run(fused):
         monkeypatch.setattr(loss_mod, "_fused_ce_chunk", lambda device_type: fused)

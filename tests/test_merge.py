@@ -47,7 +47,7 @@ def _adapter_logits(base_dir: Path, adapter: Path, inputs) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def merged_case(tiny_model_dir, untied_model_dir, qwen_tokenizer, tmp_path_factory):
     """tied -> (base dir, adapter dir, merged dir); each merge is done once for the module."""
-    from chattune.merge import merge_adapter
+    from chattune.infer.merge import merge_adapter
 
     cases = {}
 
@@ -97,8 +97,8 @@ def test_merged_model_equals_adapter(tied, merged_case):
 
 
 def test_merged_dir_answers_like_the_adapter(merged_case):
-    from chattune.infer import generate
-    from chattune.loading import load_for_inference
+    from chattune.infer.generation import generate
+    from chattune.infer.load import load_for_inference
 
     _, adapter, merged = merged_case(True)
     a, m = load_for_inference(adapter, device="cpu"), load_for_inference(merged, device="cpu")
@@ -132,7 +132,7 @@ def test_trained_embeddings_on_a_tied_model_are_untied(lora, tiny_model_dir, qwe
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from chattune.merge import merge_adapter
+    from chattune.infer.merge import merge_adapter
 
     adapter = make_adapter_dir(tiny_model_dir, tmp_path / "run" / "adapter", qwen_tokenizer)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, **lora))
@@ -173,7 +173,7 @@ def test_merge_command_output_loads_plainly_and_stops_at_end_of_turn(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chattune.cli import main
+    from chattune.cli.parser import main
 
     im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
     inputs = _inputs(qwen_tokenizer)
@@ -217,7 +217,7 @@ def test_merge_command_output_loads_plainly_and_stops_at_end_of_turn(
 
 
 def test_refuses_to_overwrite(merged_case, tiny_model_dir, tmp_path):
-    from chattune.merge import merge_adapter
+    from chattune.infer.merge import merge_adapter
 
     _, adapter, _ = merged_case(True)
     taken = tmp_path / "taken"

@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import write_huanhuan_slice
 
-from chattune.config import LoraConfig, ModelConfig, TrainConfig, config_from_dict
+from chattune.config.load import config_from_dict
+from chattune.config.schema import LoraConfig, ModelConfig, TrainConfig
 from chattune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +115,7 @@ def test_method_keys_load():
 def test_qlora_on_cpu_is_one_clear_error_before_any_weight_is_read(tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from chattune.models import load_model
+    from chattune.model.load import load_model
 
     def never(*a, **k):
         raise AssertionError("weights were read")
@@ -125,7 +126,7 @@ def test_qlora_on_cpu_is_one_clear_error_before_any_weight_is_read(tiny_model_di
 
 
 def test_qlora_through_train_on_a_cpu_machine_writes_nothing(tiny_model_dir, data_file, tmp_path):
-    from chattune.train import run
+    from chattune.train.job import run
 
     out = tmp_path / "run"
     cfg = config_from_dict(
@@ -155,7 +156,7 @@ def test_qlora_through_train_on_a_cpu_machine_writes_nothing(tiny_model_dir, dat
 def test_variants_keep_the_logits_at_init(lora, tiny_model_dir, qwen_tokenizer):
     """Every offered init starts where the base model is: B = 0 (default, gaussian, DoRA's magnitude =
     the weight's norm), or the base's own top singular directions moved into A B (PiSSA, OLoRA)."""
-    from chattune.models import add_lora
+    from chattune.model.lora import add_lora
 
     inputs = _ids(qwen_tokenizer)
     want = _logits(_base(tiny_model_dir), inputs)
@@ -165,7 +166,7 @@ def test_variants_keep_the_logits_at_init(lora, tiny_model_dir, qwen_tokenizer):
 
 
 def test_pissa_residual_plus_adapter_is_the_original_weight(tiny_model_dir):
-    from chattune.models import add_lora
+    from chattune.model.lora import add_lora
 
     original = dict(_base(tiny_model_dir).named_parameters())
     model = add_lora(_base(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.0, init="pissa"))
@@ -178,7 +179,7 @@ def test_pissa_residual_plus_adapter_is_the_original_weight(tiny_model_dir):
 
 
 def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model_dir):
-    from chattune.models import add_lora
+    from chattune.model.lora import add_lora
 
     for rs, want in [(True, 16 / math.sqrt(8)), (False, 16 / 8)]:
         model = add_lora(_base(tiny_model_dir), LoraConfig(r=8, alpha=16, use_rslora=rs))
@@ -189,8 +190,8 @@ def test_rslora_scales_by_alpha_over_sqrt_r(tiny_model_dir):
 def test_loraplus_puts_b_at_ratio_times_the_lr_of_a(tiny_model_dir):
     from transformers import get_scheduler
 
-    from chattune.methods import build_optimizer
-    from chattune.models import add_lora
+    from chattune.model.lora import add_lora
+    from chattune.train.optim import build_optimizer
 
     lora = LoraConfig(r=4, alpha=8, loraplus_lr_ratio=16)
     model = add_lora(_base(tiny_model_dir), lora)
@@ -219,8 +220,8 @@ def test_pissa_adapter_is_saved_as_a_plain_lora_for_the_original_base(
     PiSSA model computes, through the tutorials' `PeftModel.from_pretrained`."""
     from peft import PeftModel
 
-    from chattune.methods import initial_adapter_state, save_adapter
-    from chattune.models import add_lora
+    from chattune.model.lora import add_lora, initial_adapter_state
+    from chattune.train.save import save_adapter
 
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, init="pissa")
     model = add_lora(_base(tiny_model_dir), lora)
@@ -256,8 +257,8 @@ def _losses(out: Path) -> list[float]:
     ids=["dora", "rslora", "pissa", "loraplus", "modules_to_save"],
 )
 def test_each_lora_variant_trains_and_its_adapter_loads(lora, tiny_model_dir, data_file, tmp_path):
-    from chattune.loading import load_for_inference
-    from chattune.train import run
+    from chattune.infer.load import load_for_inference
+    from chattune.train.job import run
 
     out = run(
         config_from_dict(
@@ -276,7 +277,8 @@ def test_full_finetune_changes_every_weight_and_reloads_to_the_same_logits(
 ):
     from transformers import AutoModelForCausalLM
 
-    from chattune.methods import build_optimizer, save_full_model
+    from chattune.train.optim import build_optimizer
+    from chattune.train.save import save_full_model
 
     torch.manual_seed(0)
     model = _base(tiny_model_dir).train()
@@ -300,9 +302,9 @@ def test_full_finetune_changes_every_weight_and_reloads_to_the_same_logits(
 
 
 def test_full_finetune_run_writes_a_complete_model_directory(tiny_model_dir, data_file, tmp_path):
-    from chattune.infer import build_prompt
-    from chattune.loading import load_for_inference, read_model_source
-    from chattune.train import run
+    from chattune.infer.generation import build_prompt
+    from chattune.infer.load import load_for_inference, read_model_source
+    from chattune.train.job import run
 
     out = run(
         config_from_dict(tree(tiny_model_dir, data_file, tmp_path / "run", {"enabled": False}, lr=1e-3))
@@ -335,7 +337,7 @@ def test_full_finetune_run_writes_a_complete_model_directory(tiny_model_dir, dat
 def test_full_finetune_resumes_from_its_checkpoint(tiny_model_dir, data_file, tmp_path):
     import shutil
 
-    from chattune.train import run
+    from chattune.train.job import run
 
     out = tmp_path / "run"
     cfg = config_from_dict(tree(tiny_model_dir, data_file, out, {"enabled": False}, lr=1e-3, save_steps=4))

@@ -7,17 +7,10 @@ import typing
 
 import pytest
 
-from chattune.config import config_from_dict
+from chattune.config.load import config_from_dict
+from chattune.config.schema import CHAR_METRICS, GENERATION_METRICS, METRIC_NAMES, MetricName
 from chattune.errors import ChattuneError, ConfigError
-from chattune.metrics import (
-    CHAR_METRICS,
-    GENERATION_METRICS,
-    METRIC_NAMES,
-    MetricName,
-    compute_metrics,
-    default_metrics,
-    resolve_metrics,
-)
+from chattune.evaluate.metrics import compute_metrics, default_metrics, resolve_metrics
 
 TEXT_METRICS = GENERATION_METRICS + CHAR_METRICS
 
@@ -166,7 +159,7 @@ def test_bad_input_raises_chattune_error() -> None:
 
 
 def test_jieba_is_quiet(capfd: pytest.CaptureFixture[str]) -> None:
-    from chattune import metrics
+    from chattune.evaluate import metrics
 
     metrics._jieba.cache_clear()
     compute_metrics(["我爱北京"], ["我爱北京"], ["rouge1"])
@@ -177,7 +170,7 @@ def test_metrics_whose_packages_are_missing_are_refused_by_name(monkeypatch):
     import importlib.util
 
     from chattune.errors import ChattuneError
-    from chattune.metrics import require_metric_packages
+    from chattune.evaluate.metrics import require_metric_packages
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -4,9 +4,12 @@ import time
 
 import pytest
 
-from chattune.config import LoraConfig, ModelConfig
+from chattune.config.schema import LoraConfig, ModelConfig
 from chattune.errors import ModelError
-from chattune.models import add_lora, load_model, load_tokenizer, materialize_builtin, resolve_model_dir
+from chattune.model.builtin import materialize_builtin
+from chattune.model.load import load_model, load_tokenizer
+from chattune.model.lora import add_lora
+from chattune.model.resolve import resolve_model_dir
 
 
 def test_builtin_is_an_ordinary_model_dir():

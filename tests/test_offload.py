@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from chattune.loss import lm_loss_sum
-from chattune.offload import HostAdamW, embeddings_on_device, offload_input_embeddings
-from chattune.packing import IGNORE_INDEX, collate_packed
+from chattune.model.loss import lm_loss_sum
+from chattune.render.packing import IGNORE_INDEX, collate_packed
+from chattune.train.offload import HostAdamW, embeddings_on_device, offload_input_embeddings
 
 
 def _params(seed: int) -> list[nn.Parameter]:

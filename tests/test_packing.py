@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chattune.errors import ChattuneError
-from chattune.packing import (
+from chattune.render.packing import (
     IGNORE_INDEX,
     build_batches,
     collate_packed,

@@ -39,8 +39,8 @@ HELD_OUT = Path(__file__).resolve().parents[1] / "src/chattune/assets/data/ident
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """The demo's run, trained once for the module: returns its run directory."""
-    from chattune.config import config_from_dict
-    from chattune.train import run
+    from chattune.config.load import config_from_dict
+    from chattune.train.job import run
 
     out = tmp_path_factory.mktemp("real") / "run"
     tree = demo_config_tree(str(out))
@@ -83,8 +83,8 @@ def _questions() -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def chattune_answers(trained) -> list[str]:
-    from chattune.infer import generate
-    from chattune.loading import load_for_inference
+    from chattune.infer.generation import generate
+    from chattune.infer.load import load_for_inference
 
     loaded = load_for_inference(trained / "adapter", device="cpu")
     return generate(loaded, _questions(), max_new_tokens=40)
@@ -123,7 +123,7 @@ def test_predict_command_and_merged_model_answer_alike(trained, chattune_answers
     inp = tmp_path / "q.jsonl"
     inp.write_text("".join(json.dumps({"messages": q}, ensure_ascii=False) + "\n" for q in _questions()))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "chattune.cli"]
+    cmd = [sys.executable, "-m", "chattune"]
     pred = tmp_path / "pred.jsonl"
     subprocess.run(
         [*cmd, "predict", str(trained / "adapter"), "--input", str(inp), "--output", str(pred)]
@@ -150,7 +150,7 @@ def test_serve_answers_the_openai_client_with_the_new_identity(trained, chattune
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chattune.cli", "serve", str(trained / "adapter"), "--port", str(port)]
+        [sys.executable, "-m", "chattune", "serve", str(trained / "adapter"), "--port", str(port)]
         + ["--device", "cpu"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -182,7 +182,7 @@ def test_data_check_parity_with_the_templates_default_system_prompt(tmp_path, ca
     """SmolLM2's template inserts its own system prompt; the training ids still equal the template's."""
     import yaml
 
-    from chattune.cli import main
+    from chattune.cli.parser import main
 
     tree = demo_config_tree(str(tmp_path / "unused"))
     cfg = tmp_path / "demo.yaml"
@@ -198,8 +198,8 @@ def test_data_check_parity_with_the_templates_default_system_prompt(tmp_path, ca
 )
 def test_each_method_lowers_the_held_out_loss_on_the_real_model(lora, tmp_path):
     """Issue 16 on the real model: a few steps of each method move the eval loss the right way."""
-    from chattune.config import config_from_dict
-    from chattune.train import run
+    from chattune.config.load import config_from_dict
+    from chattune.train.job import run
 
     tree = demo_config_tree(str(tmp_path / "run"))
     full = lora.get("enabled") is False

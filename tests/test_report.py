@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from chattune.errors import ChattuneError
-from chattune.report import NOT_RECORDED, write_report
+from chattune.report.reader import NOT_RECORDED
+from chattune.report.run_report import write_report
 
 CONFIG = """\
 model:

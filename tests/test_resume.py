@@ -19,10 +19,10 @@ import yaml
 from conftest import write_huanhuan_slice
 from safetensors.torch import load_file
 
-from chattune.cli import main
-from chattune.config import config_from_dict
+from chattune.cli.parser import main
+from chattune.config.load import config_from_dict
 from chattune.errors import ChattuneError
-from chattune.train import run
+from chattune.train.job import run
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -131,7 +131,7 @@ def test_sigkill_at_any_point_then_resume_is_bit_identical(full, tiny_model_dir,
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "chattune.cli", "train", str(path)], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "chattune", "train", str(path)], env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # kill once step 4 is logged
@@ -164,7 +164,7 @@ def test_no_checkpoint_resume_starts_from_the_beginning(full, tiny_model_dir, da
     """Killed before its first checkpoint: a plain rerun says what to do, --resume starts over in place."""
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / ".ckpt-abc123").mkdir()  # a save the kill interrupted
+    (out / "checkpoints" / ".step-0000004-abc123").mkdir()  # a save the kill interrupted
     (out / "config.yaml").write_text("x: 1\n")
     (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "tra')
     cfg = cfg_of(tiny_model_dir, data, out)
@@ -172,14 +172,14 @@ def test_no_checkpoint_resume_starts_from_the_beginning(full, tiny_model_dir, da
         run(cfg)
     run(cfg, resume=True)
     assert "no checkpoint" in capsys.readouterr().err
-    assert not list((out / "checkpoints").glob(".ckpt-*"))
+    assert not list((out / "checkpoints").glob(".step-*"))
     assert_same_run(full, out)
 
 
 # -- checkpoint adapters ------------------------------------------------------------------------------------
 def test_checkpoint_adapter_carries_what_the_final_one_does(full):
-    from chattune.infer import build_prompt
-    from chattune.loading import load_for_inference
+    from chattune.infer.generation import build_prompt
+    from chattune.infer.load import load_for_inference
 
     adapter = full / "checkpoints" / "step-0000008" / "adapter"
     final = {p.name for p in (full / "adapter").iterdir()}

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from chattune.cli import main
+from chattune.cli.parser import main
 from chattune.errors import ModelError
-from chattune.loading import load_for_inference
+from chattune.infer.load import load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
 HUANHUAN = REPO / "data" / "huanhuan" / "huanhuan.json"

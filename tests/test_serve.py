@@ -70,14 +70,14 @@ def adapter(tiny_model_dir, qwen_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(adapter):
-    from chattune.loading import load_for_inference
+    from chattune.infer.load import load_for_inference
 
     return load_for_inference(adapter, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def server(loaded) -> Iterator[str]:
-    from chattune.serve import build_app
+    from chattune.infer.serve import build_app
 
     with serving(build_app(loaded, api_key=KEY, max_queue=64, max_batch=8, default_max_tokens=8)) as url:
         yield url
@@ -91,7 +91,7 @@ def client(server):
 
 
 def _expected(loaded, messages, k: int) -> str:
-    from chattune.infer import generate
+    from chattune.infer.generation import generate
 
     return generate(loaded, [messages], max_new_tokens=k)[0]
 
@@ -181,16 +181,16 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, client, l
 
 
 def test_fifty_concurrent_requests_all_complete(client, loaded, monkeypatch):
-    import chattune.serve
+    import chattune.infer.serve
 
     batches: list[int] = []  # conversations per generate call (the worker thread calls it)
-    real = chattune.serve.generate_completions
+    real = chattune.infer.serve.generate_completions
 
     def counting(loaded, conversations, **kw):
         batches.append(len(conversations))
         return real(loaded, conversations, **kw)
 
-    monkeypatch.setattr(chattune.serve, "generate_completions", counting)
+    monkeypatch.setattr(chattune.infer.serve, "generate_completions", counting)
     questions = [[{"role": "user", "content": f"Question number {i}: {'why ' * i}?"}] for i in range(5)]
     want = [_expected(loaded, q, 4) for q in questions]
 
@@ -239,7 +239,7 @@ def test_client_leaving_a_stream_stops_its_generation(client, loaded, monkeypatc
 
 
 def test_full_queue_answers_503(loaded):
-    from chattune.serve import _Job, build_app
+    from chattune.infer.serve import _Job, build_app
 
     app = build_app(loaded, max_queue=1)
     with serving(app) as url:
@@ -267,9 +267,9 @@ def test_several_adapters_over_one_base(tiny_model_dir, qwen_tokenizer, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chattune.infer import generate
-    from chattune.loading import load_many_for_inference
-    from chattune.serve import build_app
+    from chattune.infer.generation import generate
+    from chattune.infer.load import load_many_for_inference
+    from chattune.infer.serve import build_app
 
     a = make_adapter_dir(tiny_model_dir, tmp_path / "alpha" / "adapter", qwen_tokenizer, seed=1)
     b = make_adapter_dir(
@@ -294,7 +294,7 @@ def test_several_adapters_over_one_base(tiny_model_dir, qwen_tokenizer, tmp_path
 
 def test_vllm_command(adapter, tiny_model_dir, tmp_path):
     from chattune.errors import ChattuneError
-    from chattune.serve_vllm import build_vllm_command
+    from chattune.infer.serve_vllm import build_vllm_command
 
     cmd = build_vllm_command([adapter], "127.0.0.1", 8001)
     assert cmd[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
@@ -329,8 +329,8 @@ TRICKY = 'He said "hi", it\'s {{ not jinja }} %} \\ 甄嬛\nline two 🙂'
 @pytest.mark.parametrize("system", [SYSTEM, TRICKY], ids=["plain", "quotes-braces-newline-emoji"])
 def test_vllm_chat_template_applies_the_stored_system_prompt(system, qwen_tokenizer):
     """vLLM renders the template itself: the wrapped template must give exactly build_prompt's text."""
-    from chattune.serve_vllm import build_vllm_chat_template
-    from chattune.templates import build_generation_prompt
+    from chattune.infer.serve_vllm import build_vllm_chat_template
+    from chattune.render.template import build_generation_prompt
 
     template = build_vllm_chat_template(qwen_tokenizer.chat_template, system)
 
@@ -350,8 +350,8 @@ def test_vllm_engine_through_the_cli(adapter, tiny_model_dir, qwen_tokenizer, tm
     what vLLM would be started with, the key kept off its command line, the template file it reads."""
     import importlib.util
 
-    from chattune.cli import main
-    from chattune.templates import build_generation_prompt
+    from chattune.cli.parser import main
+    from chattune.render.template import build_generation_prompt
 
     if importlib.util.find_spec("vllm") is None:
         assert main(["serve", str(adapter), "--engine", "vllm"]) == 2
@@ -422,7 +422,7 @@ def _health_time(url: str) -> float:
 
 
 def test_oversized_bodies_get_413_at_once_and_health_keeps_answering(loaded):
-    from chattune.serve import build_app
+    from chattune.infer.serve import build_app
 
     with serving(build_app(loaded, max_body_bytes=1 << 20)) as url:
         # 10 MB declared: refused from the headers, before the body is read
@@ -443,18 +443,18 @@ def test_oversized_bodies_get_413_at_once_and_health_keeps_answering(loaded):
 
 def test_health_answers_while_a_request_is_being_prepared(loaded, monkeypatch):
     """Rendering and counting a large prompt take seconds; they must not hold the event loop."""
-    import chattune.serve
-    from chattune.serve import build_app
+    import chattune.infer.serve
+    from chattune.infer.serve import build_app
 
     app = build_app(loaded)
     release = threading.Event()
-    real = chattune.serve.count_tokens
+    real = chattune.infer.serve.count_tokens
 
     def slow_count(loaded, prompt):
         release.wait(timeout=20)  # held until /health has answered (or the test gives up)
         return real(loaded, prompt)
 
-    monkeypatch.setattr(chattune.serve, "count_tokens", slow_count)
+    monkeypatch.setattr(chattune.infer.serve, "count_tokens", slow_count)
     with serving(app) as url:
         body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -470,15 +470,15 @@ def test_health_answers_while_a_request_is_being_prepared(loaded, monkeypatch):
 def test_a_500_names_no_internals_and_the_log_has_them(loaded, monkeypatch, caplog):
     import logging
 
-    import chattune.serve
-    from chattune.serve import build_app
+    import chattune.infer.serve
+    from chattune.infer.serve import build_app
 
     def broken(*a, **k):
         raise RuntimeError("CUDA error at /opt/secret/kernel.cu:42")
 
-    monkeypatch.setattr(chattune.serve, "generate_completions", broken)
-    monkeypatch.setattr(chattune.serve, "stream_events", broken)
-    with caplog.at_level(logging.ERROR, logger="chattune.serve"), serving(build_app(loaded)) as url:
+    monkeypatch.setattr(chattune.infer.serve, "generate_completions", broken)
+    monkeypatch.setattr(chattune.infer.serve, "stream_events", broken)
+    with caplog.at_level(logging.ERROR, logger="chattune.infer.serve"), serving(build_app(loaded)) as url:
         body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
         status, err = _post(f"{url}/v1/chat/completions", body, key=None)
         assert status == 500 and "secret" not in json.dumps(err) and "reference" in err["error"]["message"]
@@ -493,7 +493,7 @@ def test_a_500_names_no_internals_and_the_log_has_them(loaded, monkeypatch, capl
 
 def test_client_leaving_a_plain_request_stops_its_generation(server, loaded, monkeypatch):
     """A non-streamed request whose client has gone must not keep the single worker generating."""
-    from chattune.infer import generate_completions
+    from chattune.infer.generation import generate_completions
 
     assert (
         generate_completions(loaded, [HELLO], max_new_tokens=450)[0].completion_tokens == 450

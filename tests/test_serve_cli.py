@@ -70,7 +70,7 @@ def cli_server(adapter, tmp_path_factory) -> Iterator[tuple[str, subprocess.Pope
     """`python -m chattune.cli serve ADAPTER --port P --api-key KEY` on 127.0.0.1 until the module ends."""
     port = _free_port()
     log = tmp_path_factory.mktemp("cli-log") / "serve.log"
-    cmd = [sys.executable, "-m", "chattune.cli", "serve", str(adapter), "--port", str(port)]
+    cmd = [sys.executable, "-m", "chattune", "serve", str(adapter), "--port", str(port)]
     cmd += ["--api-key", KEY, "--device", "cpu", "--max-batch", "4"]
     env = {k: v for k, v in os.environ.items() if k != "CHATTUNE_API_KEY"}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # tiny model: threads only spin (see test_serve)
@@ -95,7 +95,7 @@ def cli_server(adapter, tmp_path_factory) -> Iterator[tuple[str, subprocess.Pope
 
 @pytest.fixture(scope="module")
 def loaded(adapter):
-    from chattune.loading import load_for_inference
+    from chattune.infer.load import load_for_inference
 
     return load_for_inference(adapter, device="cpu")
 
@@ -105,8 +105,8 @@ def test_the_command_answers_the_openai_client_with_the_stored_system_prompt(
 ):
     from openai import OpenAI
 
-    from chattune.infer import generate
-    from chattune.templates import build_generation_prompt
+    from chattune.infer.generation import generate
+    from chattune.render.template import build_generation_prompt
 
     url, _, _ = cli_server
     client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -172,7 +172,7 @@ def test_sigterm_shuts_the_command_down_cleanly(cli_server):
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, adapter):
     import importlib.util
 
-    from chattune.cli import main
+    from chattune.cli.parser import main
 
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "missing' does not exist" in capsys.readouterr().err
@@ -183,11 +183,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, adapter):
 
 def test_serve_arguments_reach_the_server(monkeypatch):
     """Loopback by default; the key may come from CHATTUNE_API_KEY (kept out of `ps` and shell history)."""
-    import chattune.serve
-    from chattune.cli import main
+    import chattune.infer.serve
+    from chattune.cli.parser import main
 
     calls = []
-    monkeypatch.setattr(chattune.serve, "run_server", lambda paths, **kw: calls.append((paths, kw)))
+    monkeypatch.setattr(chattune.infer.serve, "run_server", lambda paths, **kw: calls.append((paths, kw)))
     monkeypatch.setenv("CHATTUNE_API_KEY", "sk-from-env")
     assert main(["serve", "a/adapter", "b/adapter", "--max-queue", "3"]) == 0
     paths, kw = calls[-1]

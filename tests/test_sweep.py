@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import write_huanhuan_slice
 
-from chattune.cli import main
-from chattune.config import load_config
+from chattune.cli.parser import main
+from chattune.config.load import load_config
 from chattune.errors import ConfigError
 from chattune.sweep import build_variants, is_finished, parse_vary, slug_of, split_values
 

@@ -7,15 +7,10 @@ import pytest
 
 from chattune.data import Conversation, read_conversations, to_messages
 from chattune.errors import DataError
-from chattune.templates import (
-    IGNORE_INDEX,
-    TemplateError,
-    chat_template_path,
-    check_parity,
-    end_of_turn_token,
-    render,
-    render_all,
-)
+from chattune.render.cache import render_all
+from chattune.render.examples import IGNORE_INDEX, render
+from chattune.render.preflight import check_parity
+from chattune.render.template import TemplateError, chat_template_path, end_of_turn_token
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -206,7 +201,7 @@ def test_bad_rows_at_render_name_file_and_line_or_are_counted(qwen_tokenizer):
 
 
 def test_cache_and_workers_give_identical_examples(qwen_tokenizer, monkeypatch, tmp_path):
-    import chattune.templates as templates
+    import chattune.render.cache as templates
 
     monkeypatch.setenv("CHATTUNE_CACHE", str(tmp_path))
     convs, _ = read_conversations(
@@ -295,7 +290,8 @@ def test_a_later_turn_cut_to_nothing_is_not_trained_but_earlier_ones_are(qwen_to
 # -- cut_prompt: near-linear in the number of turns, the same result as dropping turn by turn ------------
 def _cut_prompt_turn_by_turn(tokenizer, messages, max_len, train_on):
     """The earlier algorithm (one re-render per dropped exchange, cubic in turns): the reference."""
-    from chattune.templates import _fit, encode, template_facts
+    from chattune.render.examples import _fit, encode
+    from chattune.render.template import template_facts
 
     msgs = [dict(m) for m in messages]
     first = 1 if msgs[0]["role"] == "system" else 0

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from chattune.throughput import StepMeter, matmul_params
+from chattune.train.throughput import StepMeter, matmul_params
 
 
 def test_step_meter_reads_queued_steps_once_and_skips_paused_time():

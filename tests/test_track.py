@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from chattune.config import TrackConfig
+from chattune.config.schema import TrackConfig
 from chattune.track import PREDICTION_KEY, build_tracker, format_prediction, resolve_swanlab_mode
 
 HPARAMS = {
@@ -383,9 +383,9 @@ def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny
 
     import torch
 
-    from chattune.config import config_from_dict
+    from chattune.config.load import config_from_dict
     from chattune.files import file_sha256
-    from chattune.train import run
+    from chattune.train.job import run
 
     monkeypatch.setenv("CI", "true")
     closed = io.StringIO()
@@ -503,7 +503,7 @@ def test_train_run_stops_before_training_when_swanlab_cannot_start(
 ) -> None:
     import swanlab
 
-    from chattune.cli import main
+    from chattune.cli.parser import main
 
     calls = []
 

@@ -11,9 +11,9 @@ import torch
 import yaml
 from conftest import write_huanhuan_slice
 
-from chattune.config import config_from_dict, load_config
+from chattune.config.load import config_from_dict, load_config
 from chattune.errors import ChattuneError, ConfigError
-from chattune.train import run
+from chattune.train.job import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,8 +102,8 @@ def test_adapter_reloads_with_plain_peft(trained, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chattune.infer import build_prompt
-    from chattune.loading import load_for_inference
+    from chattune.infer.generation import build_prompt
+    from chattune.infer.load import load_for_inference
 
     adapter = trained / "adapter"
     tok = AutoTokenizer.from_pretrained(adapter)
@@ -233,21 +233,21 @@ def test_identity_sample_prompts_and_silence_when_evaluation_is_off(tiny_model_d
 
 def test_existing_output_dir_message_offers_resume_only_when_it_can(tmp_path):
     # A finished run without checkpoints was told "pass --resume", which --resume then refused.
+    from chattune.config.checks import check_run_dir_unused
     from chattune.errors import ChattuneError
-    from chattune.train import _check_output_dir
 
     finished = tmp_path / "finished"
     finished.mkdir()
     (finished / "summary.json").write_text("{}")
     with pytest.raises(ChattuneError, match="delete it \\(it holds a finished run with no checkpoint") as e:
-        _check_output_dir(finished, resume=False)
+        check_run_dir_unused(finished, resume=False)
     assert "--resume" not in str(e.value)
     (finished / "checkpoints" / "step-0000004").mkdir(parents=True)
     with pytest.raises(ChattuneError, match="pass --resume to continue its last checkpoint"):
-        _check_output_dir(finished, resume=False)
+        check_run_dir_unused(finished, resume=False)
     killed = tmp_path / "killed"  # killed before its first checkpoint
     killed.mkdir()
     (killed / "config.yaml").write_text("")
     with pytest.raises(ChattuneError, match="pass --resume to train it again from the beginning"):
-        _check_output_dir(killed, resume=False)
-    _check_output_dir(killed, resume=True)
+        check_run_dir_unused(killed, resume=False)
+    check_run_dir_unused(killed, resume=True)

@@ -148,7 +148,7 @@ def print_before_after(pairs: list[dict], width: int = 56) -> dict:
 def print_knowledge_kept(run_dir: Path) -> dict | None:
     """Print the general-knowledge benchmark's accuracy before and after (from metrics.jsonl); return
     its `benchmarks.knowledge_kept` entry, or None when the run did not score it."""
-    from chattune.benchmarks import bench_key, knowledge_kept
+    from chattune.evaluate.benchmarks import bench_key, knowledge_kept
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     kept = [

@@ -1,5 +1,9 @@
-"""Atomic writes keep the user's permissions: what chattune writes through a temporary name (adapters,
-checkpoints, merged models, GGUF files, predictions) ends with the modes a plain `open` would have given.
+"""Atomic writes, the one way chattune writes what a user points a command at: a leaf every stage may use.
+
+`atomic_path(target)` hands out a temporary file or folder beside `target` and moves it into place only when
+the block finishes, so a crash or Ctrl-C never leaves a half-written adapter, checkpoint, merged model, GGUF
+file, cache entry or predictions file that looks complete. What is written ends with the modes a plain
+`open` would have given (`publish`):
 
 `tempfile.mkdtemp`/`mkstemp` create owner-only (0700/0600) entries, which is right while a write is
 under way and wrong once it is renamed into place: another user or a serving process of the same
@@ -10,7 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 
 def _umask() -> int:
@@ -70,3 +79,69 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(
+    target: str | Path,
+    *,
+    directory: bool = False,
+    suffix: str = "",
+    if_exists: Literal["replace", "keep"] = "replace",
+) -> Iterator[Path]:
+    """Yield a temporary file (or, with `directory`, a folder) in `target`'s folder; when the block ends
+    normally, give it the umask's modes (`publish`) and rename it to `target`; when it raises, remove it.
+
+    `if_exists`: "replace" puts the new entry in place of an existing one (a folder is moved aside first and
+    removed after the rename, so `target` is never half of either); "keep" leaves an existing folder alone
+    and drops the new one (another process built the same thing first). `suffix` ends the temporary name
+    (libraries that pick a format from it, e.g. numpy's `.npz`). Parent folders are created.
+    Raises what the filesystem raises (OSError).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=suffix, dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=suffix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        publish(tmp)
+        if not directory:
+            os.replace(tmp, target)
+            return
+        if target.exists() and if_exists == "keep":
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = None
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty folder the user made: rename cannot replace it on every platform
+        elif target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            os.replace(target, aside / target.name)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if aside is not None:  # put the old one back: the target is never lost
+                os.replace(aside / target.name, target)
+                shutil.rmtree(aside, ignore_errors=True)
+            if if_exists == "keep" and target.exists():  # another process finished first; theirs is identical
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_path`: a reader sees the old file or the new one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -8,6 +8,7 @@ one after another, or one per GPU with `--gpus N` -> `<base>/sweep.json` (what r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -18,12 +19,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import chattune
-from chattune.config import load_config
+from chattune.config.checks import check_run_dir_unused
+from chattune.config.load import load_config
+from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
 
 _MANIFEST_LOCK = threading.Lock()  # variants on several GPUs finish in any order
@@ -159,11 +163,7 @@ def run_sweep(
             f"track.experiment={json.dumps(experiment, ensure_ascii=False)}",
         ]
         load_config(config, [*overrides, *v.overrides])  # raises naming the key and value
-        if v.run_dir.exists() and any(v.run_dir.iterdir()) and not resume:
-            raise ChattuneError(
-                f"{v.run_dir} already holds a run; pass --resume to skip finished variants and continue the "
-                "others, or set train.output_dir to a new folder"
-            )
+        check_run_dir_unused(v.run_dir, resume, sweep=True)
 
     base_dir.mkdir(parents=True, exist_ok=True)
     manifest = base_dir / "sweep.json"
@@ -171,51 +171,20 @@ def run_sweep(
     for v in variants:
         if resume and is_finished(v.run_dir):
             v.status = "skipped"
-            _say(f"sweep: {v.slug} finished earlier; skipped")
+            say(f"sweep: {v.slug} finished earlier; skipped")
         else:
             todo.append(v)
     _write_manifest(manifest, name, config, overrides, merged, variants)
-    _say(f"sweep {name!r}: {len(variants)} variants ({len(todo)} to run) under {base_dir}")
+    say(f"sweep {name!r}: {len(variants)} variants ({len(todo)} to run) under {base_dir}")
 
-    def launch(v: Variant, gpu: int | None) -> None:
-        cmd = [sys.executable, "-m", "chattune.cli", "train", str(config), *overrides, *v.overrides]
-        if resume and v.run_dir.exists() and any(v.run_dir.iterdir()):
-            if any((v.run_dir / "checkpoints").glob("step-*")):
-                cmd.append("--resume")  # train's own resume: from its last checkpoint
-            else:  # interrupted before its first checkpoint: start again, keeping what it wrote aside
-                aside = _free_path(v.run_dir.with_name(v.run_dir.name + ".interrupted"))
-                v.run_dir.rename(aside)
-                _say(f"sweep: {v.slug} stopped before its first checkpoint; its files moved to {aside}")
-        env = dict(os.environ)
-        # The variants run the chattune this sweep runs, also from a source checkout that is not installed.
-        src = str(Path(chattune.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        v.status = "running"
-        _write_manifest(manifest, name, config, overrides, merged, variants)
-        _say(
-            f"sweep: starting {v.slug}"
-            + (f" on GPU {gpu}" if gpu is not None else "")
-            + f": {' '.join(cmd[3:])}"
-        )
-        t0 = time.time()
-        if gpu is None:
-            v.returncode = subprocess.call(cmd, env=env)  # one at a time: its output goes to the terminal
-        else:  # side by side: each variant to its own log, or the terminal would interleave them
-            v.log_path = base_dir / "logs" / f"{v.slug}.log"
-            v.log_path.parent.mkdir(exist_ok=True)
-            with open(v.log_path, "ab") as log:
-                v.returncode = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        v.seconds = time.time() - t0
-        v.status = "done" if v.returncode == 0 and is_finished(v.run_dir) else "failed"
-        _write_manifest(manifest, name, config, overrides, merged, variants)
-        if v.status == "failed":
-            where_log = f"; its log: {v.log_path}" if v.log_path else ""
-            _say(f"sweep: {v.slug} FAILED (exit code {v.returncode}){where_log}; going on with the others")
-        else:
-            _say(f"sweep: {v.slug} done in {v.seconds:.0f}s")
-
+    launch = functools.partial(
+        _launch_variant,
+        config=config,
+        overrides=overrides,
+        resume=resume,
+        base_dir=base_dir,
+        save_manifest=lambda: _write_manifest(manifest, name, config, overrides, merged, variants),
+    )
     devices = _pick_gpus(gpus)
     if devices is None:
         for v in todo:
@@ -239,8 +208,57 @@ def run_sweep(
     failed = [v for v in variants if v.status == "failed"]
     for v in variants:
         took = f"{v.seconds:.0f}s" if v.seconds is not None else ""
-        _say(f"  {v.status:8} {v.slug:40} {took}")
+        say(f"  {v.status:8} {v.slug:40} {took}")
     return len(failed)
+
+
+def _launch_variant(
+    v: Variant,
+    gpu: int | None,
+    *,
+    config: str | Path,
+    overrides: list[str],
+    resume: bool,
+    base_dir: Path,
+    save_manifest: Callable[[], None],
+) -> None:
+    """Run one variant as `python -m chattune train ...` in its own process (on `gpu`, logging to a file, when
+    variants run side by side), and record its status, exit code and seconds in `v` and the manifest."""
+    cmd = [sys.executable, "-m", "chattune", "train", str(config), *overrides, *v.overrides]
+    if resume and v.run_dir.exists() and any(v.run_dir.iterdir()):
+        if any((v.run_dir / "checkpoints").glob("step-*")):
+            cmd.append("--resume")  # train's own resume: from its last checkpoint
+        else:  # interrupted before its first checkpoint: start again, keeping what it wrote aside
+            aside = _free_path(v.run_dir.with_name(v.run_dir.name + ".interrupted"))
+            v.run_dir.rename(aside)
+            say(f"sweep: {v.slug} stopped before its first checkpoint; its files moved to {aside}")
+    env = dict(os.environ)
+    # The variants run the chattune this sweep runs, also from a source checkout that is not installed.
+    src = str(Path(chattune.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    v.status = "running"
+    save_manifest()
+    say(
+        f"sweep: starting {v.slug}" + (f" on GPU {gpu}" if gpu is not None else "") + f": {' '.join(cmd[3:])}"
+    )
+    t0 = time.time()
+    if gpu is None:
+        v.returncode = subprocess.call(cmd, env=env)  # one at a time: its output goes to the terminal
+    else:  # side by side: each variant to its own log, or the terminal would interleave them
+        v.log_path = base_dir / "logs" / f"{v.slug}.log"
+        v.log_path.parent.mkdir(exist_ok=True)
+        with open(v.log_path, "ab") as log:
+            v.returncode = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    v.seconds = time.time() - t0
+    v.status = "done" if v.returncode == 0 and is_finished(v.run_dir) else "failed"
+    save_manifest()
+    if v.status == "failed":
+        where_log = f"; its log: {v.log_path}" if v.log_path else ""
+        say(f"sweep: {v.slug} FAILED (exit code {v.returncode}){where_log}; going on with the others")
+    else:
+        say(f"sweep: {v.slug} done in {v.seconds:.0f}s")
 
 
 def _pick_gpus(gpus: int | None) -> list[int] | None:
@@ -253,7 +271,7 @@ def _pick_gpus(gpus: int | None) -> list[int] | None:
 
     have = torch.cuda.device_count()
     if have == 0:
-        _say(f"sweep: --gpus {gpus} but no CUDA GPU; running the variants one after another")
+        say(f"sweep: --gpus {gpus} but no CUDA GPU; running the variants one after another")
         return None
     if have < gpus:
         raise ChattuneError(f"--gpus {gpus}: only {have} GPU(s) visible (CUDA_VISIBLE_DEVICES)")
@@ -263,17 +281,17 @@ def _pick_gpus(gpus: int | None) -> list[int] | None:
 
 
 def _write_compare(base_dir: Path, name: str, variants: list[Variant]) -> None:
-    from chattune.compare import write_compare
+    from chattune.report.compare import write_compare
 
     runs = [v.run_dir for v in variants if (v.run_dir / "config.yaml").is_file()]
     if not runs:
-        _say("sweep: no variant wrote anything; no compare page")
+        say("sweep: no variant wrote anything; no compare page")
         return
     try:
         html, _ = write_compare(runs, base_dir, title=f"chattune sweep: {name}")
-        _say(f"sweep: compare page {html}")
+        say(f"sweep: compare page {html}")
     except Exception as e:  # the runs are done; a page problem must not hide that
-        _say(f"warning: could not write the compare page: {e}")
+        say(f"warning: could not write the compare page: {e}")
 
 
 def _write_manifest(path: Path, name: str, config, overrides, vary, variants: list[Variant]) -> None:
@@ -299,7 +317,3 @@ def _free_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

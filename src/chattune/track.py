@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, TextIO
 
-from chattune.config import TrackConfig
+from chattune.config.schema import TrackConfig
 from chattune.errors import ChattuneError
 
 logger = logging.getLogger(__name__)

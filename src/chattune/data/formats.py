@@ -1,8 +1,8 @@
 """One record -> one conversation: the record shapes, the tutorials' raw formats, and validation.
 
 record --rename columns--> --converter (a tutorial's raw shape)--> alpaca / messages / ShareGPT
-       --to_messages--> [{role, content}, ...] --validate_messages--> ok, or _BadRow(reason)
-Every function here is pure: no files, no tokenizer. The reader turns a `_BadRow` into a
+       --to_messages--> [{role, content}, ...] --validate_messages--> ok, or BadRow(reason)
+Every function here is pure: no files, no tokenizer. The reader turns a `BadRow` into a
 `DataError(path, line, reason)`, or counts it by reason with `on_bad_row: skip`.
 """
 
@@ -37,7 +37,7 @@ class Conversation:
     where: str  # "path:line", for messages about this record later in the pipeline
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """A record that cannot be trained on; the message is the reason (reported with file and line)."""
 
 
@@ -52,11 +52,11 @@ HUANHUAN_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 def _text(rec: dict, key: str, *, required: bool) -> str:
     if key not in rec or rec[key] is None:
         if required:
-            raise _BadRow(f"missing field '{key}'")
+            raise BadRow(f"missing field '{key}'")
         return ""
     value = rec[key]
     if not isinstance(value, str):
-        raise _BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
+        raise BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
     return value
 
 
@@ -69,7 +69,7 @@ def _convert_news_cls(rec: dict, placeholders: dict | None = None) -> dict:
     if isinstance(category, list) and all(isinstance(c, str) for c in category):
         category = str(category)
     elif not isinstance(category, str):
-        raise _BadRow("field 'category' must be a string or a list of strings")
+        raise BadRow("field 'category' must be a string or a list of strings")
     return {
         "system": NEWS_CLS_SYSTEM,
         "instruction": f"文本:{text},分类选项列表:{category}",
@@ -98,9 +98,7 @@ def _convert_huanhuan(rec: dict, placeholders: dict | None = None) -> dict:
 def _convert_identity(rec: dict, placeholders: dict | None = None) -> dict:
     """LLaMA-Factory's identity.json: alpaca records whose texts say `{{name}}` and `{{author}}`."""
     if not placeholders or not all(placeholders.get(k) for k in ("name", "author")):
-        raise _BadRow(
-            "the identity converter needs a name and an author (data.identity_name/identity_author)"
-        )
+        raise BadRow("the identity converter needs a name and an author (data.identity_name/identity_author)")
     out = dict(rec)
     for key, value in rec.items():
         if isinstance(value, str):
@@ -143,7 +141,7 @@ def detect_format(rec: Any) -> str:
         if "instruction" in rec or "output" in rec:
             return "alpaca"
     shown = ", ".join(sorted(rec)[:8]) if isinstance(rec, dict) else type(rec).__name__
-    raise _BadRow(
+    raise BadRow(
         f"unknown record shape (fields: {shown}): expected {{instruction, input, output}}, {{messages: [...]}} "
         "or {conversations: [...]}; map other column names with data.columns or use data.converter"
     )
@@ -155,9 +153,9 @@ def _maybe_json(value: Any, key: str) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as e:
-            raise _BadRow(f"field '{key}' is not valid JSON: {e.msg}") from None
+            raise BadRow(f"field '{key}' is not valid JSON: {e.msg}") from None
         except RecursionError:
-            raise _BadRow(f"field '{key}' is JSON nested too deeply to be a list of turns") from None
+            raise BadRow(f"field '{key}' is JSON nested too deeply to be a list of turns") from None
     return value
 
 
@@ -165,16 +163,16 @@ def _alpaca(rec: dict) -> list[dict[str, str]]:
     instruction = _text(rec, "instruction", required=False)
     inp = _text(rec, "input", required=False)
     if "instruction" not in rec and "input" not in rec:
-        raise _BadRow("missing field 'instruction' (or 'input')")
+        raise BadRow("missing field 'instruction' (or 'input')")
     output = _text(rec, "output", required=True)
     system = _text(rec, "system", required=False)
     msgs = [{"role": "system", "content": system}] if system else []
     history = _maybe_json(rec.get("history"), "history") or []
     if not isinstance(history, list):
-        raise _BadRow("field 'history' must be a list of [question, answer] pairs")
+        raise BadRow("field 'history' must be a list of [question, answer] pairs")
     for k, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise _BadRow(f"history[{k}] must be a [question, answer] pair of strings")
+            raise BadRow(f"history[{k}] must be a [question, answer] pair of strings")
         msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     # The tutorials' rule: the user turn is instruction and input joined by a newline when both exist.
     user = "\n".join(x for x in (instruction, inp) if x)
@@ -186,23 +184,23 @@ def _chat(
     rec: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]
 ) -> list[dict[str, str]]:
     if key not in rec:
-        raise _BadRow(f"missing field '{key}'")
+        raise BadRow(f"missing field '{key}'")
     turns = _maybe_json(rec[key], key)
     if not isinstance(turns, list):
-        raise _BadRow(f"field '{key}' must be a list of turns")
+        raise BadRow(f"field '{key}' must be a list of turns")
     msgs = []
     system = _text(rec, "system", required=False)  # ShareGPT (LLaMA-Factory) keeps it beside the turns
     if system:
         msgs.append({"role": "system", "content": system})
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _BadRow(f"{key}[{k}] must be an object with '{role_key}' and '{content_key}'")
+            raise BadRow(f"{key}[{k}] must be an object with '{role_key}' and '{content_key}'")
         role = turn.get(role_key)
         if role not in roles:
-            raise _BadRow(f"{key}[{k}] has unknown role {role!r} (expected one of {', '.join(roles)})")
+            raise BadRow(f"{key}[{k}] has unknown role {role!r} (expected one of {', '.join(roles)})")
         content = turn.get(content_key)
         if not isinstance(content, str):
-            raise _BadRow(f"{key}[{k}].{content_key} must be a string")
+            raise BadRow(f"{key}[{k}].{content_key} must be a string")
         msgs.append({"role": roles[role], "content": content})
     return msgs
 
@@ -210,23 +208,23 @@ def _chat(
 def validate_messages(msgs: list[dict[str, str]]) -> None:
     """Roles in order (optional system, then user/assistant alternating, ending with an answer)."""
     if not msgs:
-        raise _BadRow("empty conversation")
+        raise BadRow("empty conversation")
     body = msgs[1:] if msgs[0]["role"] == "system" else msgs
     if not body:
-        raise _BadRow("conversation has only a system message")
+        raise BadRow("conversation has only a system message")
     for k, m in enumerate(body):
         expected = "user" if k % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise _BadRow(
+            raise BadRow(
                 f"turn {k + 1} is '{m['role']}' but '{expected}' was expected (user and assistant alternate)"
             )
     if body[-1]["role"] != "assistant":
-        raise _BadRow("conversation must end with an assistant answer")
+        raise BadRow("conversation must end with an assistant answer")
     for m in body:
         if m["role"] == "assistant" and not m["content"].strip():
-            raise _BadRow("empty assistant answer")
+            raise BadRow("empty assistant answer")
         if m["role"] == "user" and not m["content"].strip():
-            raise _BadRow("empty user turn")
+            raise BadRow("empty user turn")
 
 
 def to_messages(
@@ -240,7 +238,7 @@ def to_messages(
 ) -> list[dict[str, str]]:
     """One record -> validated messages. `system_prompt` goes first when the record brings none."""
     if not isinstance(rec, dict):
-        raise _BadRow("a record must be a JSON object")
+        raise BadRow("a record must be a JSON object")
     rec = rename_columns(rec, columns)
     if converter:
         rec = CONVERTERS[converter](rec, placeholders)
@@ -256,7 +254,7 @@ def to_messages(
         key = "conversations" if "conversations" in rec else "messages"
         msgs = _chat(rec, key, role_key or "from", content_key or "value", _SHAREGPT_ROLES)
     else:  # pragma: no cover - config validation limits fmt
-        raise _BadRow(f"unknown format {kind}")
+        raise BadRow(f"unknown format {kind}")
     if system_prompt and msgs and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}] + msgs
     validate_messages(msgs)

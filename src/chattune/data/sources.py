@@ -3,7 +3,7 @@
 .json (one array; a file of JSON lines named .json works too) / .jsonl / .csv / .parquet,
 a directory written by `datasets.save_to_disk`, `hf:owner/name` (or a bare `owner/name`) on the
 Hugging Face Hub, `ms:owner/name` on ModelScope. Each record keeps the line (or row) it came from, so
-every later complaint names it. A row that cannot be read is yielded as a `_BadRow` for the caller
+every later complaint names it. A row that cannot be read is yielded as a `BadRow` for the caller
 to stop on or count; damage that loses the reader's place (a broken JSON array) stops at once.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chattune.data.formats import _BadRow
+from chattune.data.formats import BadRow
 from chattune.errors import DataError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -37,8 +37,8 @@ class Source:
 
 
 # -- files ----------------------------------------------------------------------------------------------
-def _decode(path: Path, raw: bytes, *, per_line: bool) -> str | list[str | _BadRow]:
-    """UTF-8 text; with `per_line`, a list of lines where undecodable ones are `_BadRow`s."""
+def _decode(path: Path, raw: bytes, *, per_line: bool) -> str | list[str | BadRow]:
+    """UTF-8 text; with `per_line`, a list of lines where undecodable ones are `BadRow`s."""
     try:
         text = raw.decode("utf-8-sig")
         return text.split("\n") if per_line else text  # "\n" only: JSON strings may hold U+2028
@@ -48,18 +48,18 @@ def _decode(path: Path, raw: bytes, *, per_line: bool) -> str | list[str | _BadR
             raise DataError(
                 str(path), line, f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
             ) from None
-    lines: list[str | _BadRow] = []
+    lines: list[str | BadRow] = []
     for chunk in raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"):
         try:
             lines.append(chunk.decode("utf-8"))
         except UnicodeDecodeError as e:
-            lines.append(_BadRow(f"not valid UTF-8 (byte {e.start} of the line); re-save the file as UTF-8"))
+            lines.append(BadRow(f"not valid UTF-8 (byte {e.start} of the line); re-save the file as UTF-8"))
     return lines
 
 
-def _iter_jsonl(lines: list[str | _BadRow]) -> Iterator[tuple[int, Any]]:
+def _iter_jsonl(lines: list[str | BadRow]) -> Iterator[tuple[int, Any]]:
     for n, line in enumerate(lines, start=1):
-        if isinstance(line, _BadRow):
+        if isinstance(line, BadRow):
             yield n, line
             continue
         if not line.strip():
@@ -67,9 +67,9 @@ def _iter_jsonl(lines: list[str | _BadRow]) -> Iterator[tuple[int, Any]]:
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            yield n, _BadRow(f"malformed JSON: {e.msg} (column {e.colno})")
+            yield n, BadRow(f"malformed JSON: {e.msg} (column {e.colno})")
         except RecursionError:  # json's decoder recurses per level: a line nested ~1,000 deep ends it
-            yield n, _BadRow(_TOO_DEEP)
+            yield n, BadRow(_TOO_DEEP)
 
 
 def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -125,7 +125,7 @@ def _iter_csv(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             raise DataError(str(path), start, f"malformed CSV: {e}") from None
         if row:  # blank lines are no records
             if len(row) != len(header):
-                yield start, _BadRow(f"{len(row)} cells but the header has {len(header)} columns")
+                yield start, BadRow(f"{len(row)} cells but the header has {len(header)} columns")
             else:
                 yield start, dict(zip(header, row, strict=True))
         start = reader.line_num + 1
@@ -211,11 +211,11 @@ def _offline() -> bool:
 
 
 def _read_hub(hub: str, dataset_id: str, source: Source) -> Iterator[tuple[int, Any]]:
-    from chattune.models import _reachable
+    from chattune.paths import host_reachable
 
     spec = source.spec
     if hub == "modelscope":
-        if not _reachable("www.modelscope.cn"):
+        if not host_reachable("www.modelscope.cn"):
             raise DataError(
                 spec,
                 None,
@@ -243,7 +243,7 @@ def _read_hub(hub: str, dataset_id: str, source: Source) -> Iterator[tuple[int, 
         if ds is not None:
             yield from _iter_dataset(ds, spec, source)
             return
-    if offline or not _reachable(endpoint):
+    if offline or not host_reachable(endpoint):
         why = "HF_HUB_OFFLINE is set" if offline else f"{endpoint} cannot be reached"
         raise DataError(
             spec,
@@ -261,7 +261,7 @@ def _read_hub(hub: str, dataset_id: str, source: Source) -> Iterator[tuple[int, 
 
 
 def read_records(source: str | Path | Source) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row, record-or-_BadRow) from any supported source."""
+    """Yield (line or row, record-or-BadRow) from any supported source."""
     src = source if isinstance(source, Source) else Source(str(source))
     spec = src.spec
     for prefix, hub in (("hf:", "huggingface"), ("ms:", "modelscope"), ("modelscope:", "modelscope")):

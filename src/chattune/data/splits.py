@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from chattune.data.formats import Conversation, _BadRow, to_messages
+from chattune.data.formats import BadRow, Conversation, to_messages
 from chattune.data.sources import Source, read_records
 from chattune.errors import ConfigError, DataError
 
@@ -75,10 +75,10 @@ def read_conversations(
             break
         report.rows += 1
         try:
-            if isinstance(rec, _BadRow):
+            if isinstance(rec, BadRow):
                 raise rec
             msgs = to_messages(rec, fmt, system_prompt, converter, columns=columns, placeholders=placeholders)
-        except _BadRow as e:
+        except BadRow as e:
             if on_bad_row == "error":
                 hint = " (set data.on_bad_row: skip to skip bad rows and count them)"
                 raise DataError(source.spec, line, str(e) + hint) from None

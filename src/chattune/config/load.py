@@ -1,0 +1,265 @@
+"""YAML values and `section.key=value` overrides -> the typed `Config` of `config.schema`.
+
+Every key and type is checked; a mistake raises `ConfigError` naming the file (or the command line) and the
+key. Relative paths are resolved against the config file's folder. `dump_config` writes what is saved
+with every adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from chattune.config.checks import check_methods, check_output_dir, check_values
+from chattune.config.schema import Config
+from chattune.errors import ConfigError
+
+
+# -- YAML -> dataclasses --------------------------------------------------------------------------------
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key, path)
+            except ConfigError as e:
+                errors.append(e.reason)
+        raise ConfigError(
+            key, f"expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {value!r}", path
+        )
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(key, f"expected null, got {value!r}", path)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}", path)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            raise ConfigError(key, f"expected a list of strings, got {value!r}", path)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}", path)
+        if dataclasses.is_dataclass(item_tp):  # a list of sections, e.g. eval.benchmarks
+            return [_build(item_tp, v, f"{key}[{i}]", path) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", path) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+        elif isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string; it is the number meant
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None:
+            if not math.isfinite(number):
+                # `.nan` / `.inf` in YAML: AdamW would train on it after minutes of loading, or write NaN weights.
+                raise ConfigError(key, f"must be a finite number, got {value!r}", path)
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error, not user input
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}", path)
+
+
+def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, f"expected a mapping of keys, got {values!r}", path)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(full, f"unknown key (known keys here: {known})", path)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full, path)
+        else:
+            kwargs[key] = _coerce(value, tp, full, path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section's own cross-field check: add the file it came from
+        # A list item's check names its key alone ("shots"): put the item's place in front.
+        key = e.key if "." in e.key or not prefix else f"{prefix}.{e.key}"
+        if (e.path is None and path is not None) or key != e.key:
+            raise ConfigError(key, e.reason, e.path or path) from None
+        raise
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, path: str | None) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"'{part}' is not a section", path)
+        node = child
+    node[parts[-1]] = value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what, and where (its own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`train.lr=2e-4` -> ("train.lr", 0.0002). Values are parsed as YAML scalars/lists."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(
+                item, "an override must look like section.key=value (e.g. train.lr=2e-4)", "command line"
+            )
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                key, f"cannot parse value {raw[:80]!r}: {_yaml_problem(e)}", "command line"
+            ) from None
+        except RecursionError:
+            raise ConfigError(key, "the value is nested too deeply", "command line") from None
+        # YAML reads 2e-4 as a string (no dot); accept the number the user meant.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in "e.") else value
+            except ValueError:
+                pass
+        out.append((key.strip(), value))
+    return out
+
+
+def config_from_dict(tree: dict, path: str | None = None) -> Config:
+    cfg = _build(Config, tree, "", path)
+    bad = check_values(cfg) + check_methods(cfg)
+    if bad:
+        key, reason = bad[0]
+        raise ConfigError(key, reason, path)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, check_output: bool = True
+) -> Config:
+    """Read YAML at `path` (or start from defaults when None), apply overrides, validate.
+
+    With `check_output` (training), `train.output_dir` must also be writable (`check_output_dir`);
+    commands that only read (`chattune data ...`) pass False."""
+    tree: dict = {}
+    where = None
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("(file)", "config file not found; give the path to a YAML file", where)
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("(file)", f"not valid YAML: {_yaml_problem(e)}", where) from None
+        except RecursionError:
+            raise ConfigError("(file)", "nested too deeply to be a config", where) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                "(file)", f"not valid UTF-8 (byte {e.start}); save it as UTF-8", where
+            ) from None
+        if not isinstance(tree, dict):
+            raise ConfigError("(file)", "the top level must be a mapping of sections", where)
+        # Relative data/output paths in a config file are relative to the file, not the shell's cwd.
+        tree = _resolve_relative(tree, p.parent)
+    given = {}  # key -> the override as typed, for messages about a value that came from the command line
+    for typed, (key, value) in zip(overrides or [], parse_overrides(overrides or []), strict=True):
+        _set_dotted(tree, key, value, "command line")
+        given[key] = typed if len(typed) <= 80 else typed[:77] + "..."
+    try:
+        cfg = config_from_dict(tree, where)
+        if check_output:
+            check_output_dir(cfg.train, where)
+    except ConfigError as e:
+        # The override that set the key, or the section holding it (`lora={r: -1}` replaces the file's lora).
+        typed = given.get(e.key) or next((given[k] for k in given if e.key.startswith(k + ".")), None)
+        if typed is None:
+            raise
+        raise ConfigError(e.key, e.reason, f"command line ({typed})") from None
+    return cfg
+
+
+_PATH_KEYS = [
+    ("data", "train_path"),
+    ("data", "eval_path"),
+    ("eval", "samples_path"),
+    ("model", "chat_template"),
+]
+
+
+def _resolve_relative(tree: dict, base: Path) -> dict:
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+
+    def resolved(value):
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            return str((base / value).resolve())
+        return value
+
+    for sec, key in _PATH_KEYS:
+        section = tree.get(sec)
+        if isinstance(section, dict) and key in section:
+            value = section[key]
+            section[key] = [resolved(v) for v in value] if isinstance(value, list) else resolved(value)
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        value = model["name_or_path"]
+        if value.startswith((".", "/")) or (base / value).is_dir():
+            if (base / value).exists():
+                model["name_or_path"] = str((base / value).resolve())
+    return tree
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
+
+
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8} (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

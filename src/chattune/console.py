@@ -1,0 +1,21 @@
+"""The one printer for progress lines: stderr, flushed, and on rank 0 only when several processes run.
+
+Every stage prints through `say` / `say_once` (ruff's T20 forbids a bare `print` outside the CLI and the demo),
+so a multi-GPU run prints each line once and stdout stays free for what a command outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def say(msg: str) -> None:
+    """Print one progress or warning line to stderr, flushed (every process that calls it prints)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def say_once(msg: str) -> None:
+    """Print `msg` to stderr from rank 0 only (RANK unset or 0): one voice for a run of several processes."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        say(msg)

@@ -1,0 +1,175 @@
+"""What `chattune serve` accepts: the OpenAI chat-completions request body, validated before any work is
+queued, and the OpenAI error shape for every refusal (400/401/404/413 with the field at fault).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chattune.errors import ChattuneError
+from chattune.infer.generation import build_prompt, count_tokens, default_sampling
+from chattune.infer.load import Loaded
+
+MAX_N = 8  # completions per request: n=100 would hold the single worker for everyone else
+
+
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each is checked at every generated token
+
+
+MAX_BODY_BYTES = 4 << 20  # a 128k-token prompt as escaped JSON is ~1-2 MiB
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (vLLM's rule): dividing by ~0 overflows
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# -- request schema -------------------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=false, ...)
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)  # newer clients' name for max_tokens
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.manual_seed takes, as OpenAI's int64
+    # Accepted only in their "off" form: a client that asks for tool calls or logprobs must not get a
+    # plain answer that silently lacks them.
+    tools: list[dict[str, Any]] | None = None
+    logprobs: bool | None = None
+
+
+def message_text(m: ChatMessage, k: int) -> str:
+    if isinstance(m.content, str) or m.content is None:
+        return m.content or ""
+    parts = []
+    for part in m.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{k}]: only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+# -- the app --------------------------------------------------------------------------------------------
+def check_api_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), api_key.encode()):
+        raise APIError(
+            401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+        )
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # malformed JSON, bad UTF-8, an integer of more than 4300 digits
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object with 'model' and 'messages'")
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(x) for x in err["loc"]) or "request"
+        raise APIError(400, f"{where}: {err['msg']}", param=where) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+
+def prepare_request(
+    body: bytes, by_name: dict[str, Loaded], default_max_tokens: int
+) -> tuple[Loaded, list[dict], int, dict, ChatRequest]:
+    """Parse and check a chat-completions body for the models served (`by_name`), render its prompt and
+    count its tokens: (model, messages, prompt tokens, generation parameters, the request).
+
+    Raises APIError (400 naming the field, 404 for a model not served) before any work is queued. Run in
+    a worker thread: it takes time in proportion to the request, and the event loop must keep answering.
+    """
+    req = parse_request(body)
+    if req.model is None and len(by_name) == 1:
+        req.model = next(iter(by_name))
+    if req.model is None:
+        raise APIError(400, f"model is required (serving: {', '.join(by_name)})", param="model")
+    if req.model not in by_name:
+        raise APIError(
+            404,
+            f"model '{req.model[:100]}' is not served here (serving: {', '.join(by_name)})",
+            code="model_not_found",
+            param="model",
+        )
+    loaded = by_name[req.model]
+    if not req.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    if req.stream and req.n > 1:
+        raise APIError(400, "stream with n > 1 is not supported", param="n")
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported by chattune serve", param="tools")
+    if req.logprobs:
+        raise APIError(400, "logprobs are not supported by chattune serve", param="logprobs")
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, k)}
+        for k, m in enumerate(req.messages)
+    ]
+    try:
+        prompt = build_prompt(loaded, messages)
+    except (ChattuneError, ValueError, TemplateError) as e:  # the template refuses it (e.g. role order)
+        raise APIError(400, f"messages: {str(e)[:300]}", param="messages") from None
+    prompt_tokens = count_tokens(loaded, prompt)
+    limit = loaded.max_context
+    room = limit - prompt_tokens if limit else default_max_tokens
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(default_max_tokens, room))
+    if limit and prompt_tokens + max_tokens > limit:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens; the messages use "
+            f"{prompt_tokens} and max_tokens asks for {max_tokens}",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    temperature, top_p = default_sampling(loaded)
+    temperature = temperature if req.temperature is None else req.temperature
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    params = dict(
+        max_new_tokens=max_tokens,
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        top_p=top_p if req.top_p is None else req.top_p,
+        stop=[s for s in stop or [] if s] or None,
+        n=req.n,
+        seed=req.seed,
+    )
+    return loaded, messages, prompt_tokens, params, req
