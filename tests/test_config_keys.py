@@ -92,6 +92,9 @@ ALLOWED_KEYS = [
     "eval.max_eval_examples",
     "eval.metrics",
     "eval.task",
+    # A list of config.schema.BenchmarkConfig: task, data, subjects, max_questions, shots, split, dev,
+    # scoring, name, per_epoch (each documented there).
+    "eval.benchmarks",
     "track.backend",
     "track.mode",
     "track.project",

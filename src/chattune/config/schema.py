@@ -305,6 +305,44 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    """One multiple-choice benchmark scored before training, at the end, and after every epoch with
+    `per_epoch` (`chattune bench` scores the same way; the README says where to get the files)."""
+
+    task: Literal["ceval", "cmmlu", "mmlu", "mcq"] = "mcq"
+    """The file layout: C-Eval, CMMLU or MMLU as published, or `mcq` (JSONL of question, choices, answer)."""
+    data: str = ""
+    """The benchmark's folder (holding val/ dev/ test/ or data/), or the `mcq` .jsonl file."""
+    subjects: list[str] = field(default_factory=list)
+    """Subjects (file names without the split suffix) to score; empty: every subject of the split."""
+    max_questions: int | None = None
+    """The first N questions of each subject (null: all)."""
+    shots: int = 0
+    """Dev-split examples put before each question (k-shot)."""
+    split: str | None = None
+    """The split scored; default C-Eval val, CMMLU test, MMLU test (C-Eval's test has no answers)."""
+    dev: str | None = None
+    """For `mcq` with `shots`: the JSONL file the examples come from."""
+    scoring: Literal["letter", "choice"] = "letter"
+    """`letter`: log-likelihood of each choice's letter (the benchmarks' standard); `choice`: of each
+    choice's text per character (the cloze form, which models below ~1B answer better than chance)."""
+    name: str | None = None
+    """The metric's name, `bench/<name>/accuracy`; default: `task` (two entries need distinct names)."""
+    per_epoch: bool = False
+    """Also score after every epoch, not only before training and at the end."""
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("data", "the benchmark's folder or .jsonl file is required")
+        if self.shots < 0:
+            raise ConfigError("shots", f"must be 0 or more, got {self.shots}")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ConfigError(
+                "max_questions", f"must be at least 1 (or null for all), got {self.max_questions}"
+            )
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     samples: int = 4
     """Held-out prompts answered before training and after every epoch (0 to turn off)."""
@@ -324,6 +362,17 @@ class EvalConfig:
     and macro-F1 (the label-matching rule is in `metrics.compute_metrics`)."""
     task: Literal["generation", "classification"] = "generation"
     """`classification`: answers are labels, scored by accuracy and macro-F1; `generation`: free text."""
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    """Multiple-choice benchmarks (see BenchmarkConfig) scored before and after training: their
+    accuracy is logged as `bench/<name>/accuracy` and heads the run's report."""
+
+    def __post_init__(self):
+        names = [b.name or b.task for b in self.benchmarks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                "eval.benchmarks", f"two entries are named {twice[0]}; give each a distinct `name`"
+            )
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from chattune.config.schema import Config
 from chattune.console import say_once
 from chattune.data import read_splits
 from chattune.errors import ConfigError
+from chattune.evaluate.benchmarks import read_benchmark_configs
 from chattune.evaluate.judge import build_samples, read_samples
 from chattune.evaluate.metrics import default_metrics, require_metric_packages
 from chattune.model.load import load_model, load_tokenizer, pick_device, pick_dtype
@@ -69,7 +70,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     optim = build_optim(cfg, built, plan.total_steps, world)
     # Everything the user gave has been checked by now: only from here on is anything written.
     opened = open_run_dir(cfg, data, built, optim, strategy, plan, world, resume)
-    evaluate = build_evaluation(cfg, data, built, strategy, opened, world)
+    evaluate = build_evaluation(cfg, data, built, strategy, opened, world, plan.total_steps)
     say_once(describe(cfg, built, plan, world))
     if opened.done.step == 0:
         evaluate(0, 0.0, "baseline")
@@ -173,9 +174,11 @@ def read_and_render(cfg: Config, world: World) -> TrainingData:
         f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
         f"{f' {dict(dropped)}' if dropped else ''}"
     )
+    benchmarks = read_benchmark_configs(cfg.eval.benchmarks)  # a bad file stops the run here, not later
     return TrainingData(
-        model_dir, tokenizer, train_ex, eval_ex, samples, read_report, eval_read, train_report, eval_report
-    )
+        model_dir, tokenizer, train_ex, eval_ex, samples, read_report, eval_read, train_report, eval_report,
+        benchmarks,
+    )  # fmt: skip
 
 
 def plan_steps(cfg: Config, data: TrainingData, resume: bool, sharded: bool, is_main: bool) -> Plan:
@@ -352,6 +355,7 @@ def build_evaluation(
     strategy: Strategy,
     opened: RunDir,
     world: World,
+    total_steps: int,
 ) -> Evaluation:
     """Evaluation as the loop calls it (`loop.Evaluation`): rank 0, or every rank of sharded weights."""
     from chattune.infer.load import Loaded
@@ -377,6 +381,8 @@ def build_evaluation(
         takes_part=world.is_main or strategy.sharded,
         device=world.device,
         compiled=built.use_compile,
+        benchmarks=data.benchmarks,
+        total_steps=total_steps,
     )
 
 
