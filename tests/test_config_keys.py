@@ -99,6 +99,7 @@ ALLOWED_KEYS = [
     "track.tags",
     "track.required",
     "track.group",
+    "track.uri",
     "sweep.vary",
     "sweep.name",
 ]
