@@ -18,8 +18,9 @@ from urllib.parse import unquote, urlparse
 from chattune.config.schema import TrackConfig
 from chattune.track.rows import SAMPLE_COLUMNS, flatten_config, sample_table
 
-SAMPLES_FILE = "samples.json"
-"""The MLflow table of sample answers (one artifact; `log_table` appends each evaluation's rows)."""
+SAMPLES_DIR = "samples"
+"""Artifact folder of the sample-answer tables: `samples/step_<step>.json`, one MLflow table per evaluation
+(one file each: appending to one table would make `log_table` download it again every time)."""
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value (3.x); longer values are cut with a note
 _BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. /]")  # MLflow's allowed characters in param/metric keys
 
@@ -136,7 +137,7 @@ class MlflowBackend:
     def log_predictions(self, rows: list[dict], step: int, tag: str) -> None:
         table = sample_table(rows, step, tag)
         data = {col: [row[i] for row in table] for i, col in enumerate(SAMPLE_COLUMNS)}
-        self._client.log_table(self.run_id, data=data, artifact_file=SAMPLES_FILE)
+        self._client.log_table(self.run_id, data=data, artifact_file=f"{SAMPLES_DIR}/step_{step:07d}.json")
 
     def log_summary(self, summary: dict[str, float], step: int) -> None:
         self.log(summary, step)
