@@ -364,7 +364,8 @@ class SweepConfig:
     vary: list[str] = field(default_factory=list)
     """`section.key=V1,V2,...` as `--vary` takes it; several entries run every combination."""
     name: str | None = None
-    """The sweep's SwanLab group and tag and its compare page's title; default: the config file's name."""
+    """The sweep's tracker group and tag (SwanLab / W&B / Trackio group, MLflow experiment) and its compare
+    page's title; default: the config file's name."""
 
 
 @dataclass(frozen=True)
