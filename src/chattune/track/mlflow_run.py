@@ -8,6 +8,7 @@ our run. View: `mlflow ui --backend-store-uri sqlite:///<run dir>/mlflow.db`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -57,6 +58,8 @@ def start_mlflow(
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
         artifacts = (db.parent / "mlartifacts").resolve().as_uri()
+    # "Creating initial MLflow database tables..." is news to nobody: a new store is made in every run dir.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     with _quick_http():
         client = MlflowClient(tracking_uri=uri)
         name = cfg.group or cfg.project
