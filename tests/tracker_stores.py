@@ -11,6 +11,8 @@ import json
 import struct
 from pathlib import Path
 
+PREDICTION = "Prediction"  # chattune.track.PREDICTION_KEY
+
 
 # -- the trackers' own stores, read back ----------------------------------------------------------------
 def read_mlflow(db: Path) -> dict:
@@ -87,9 +89,9 @@ def read_wandb(run_folder: Path) -> dict:
             }
             step = row["_step"]
             for key, value in row.items():
-                if key.startswith(("train/", "eval/")):
+                if not key.startswith(("_", f"{PREDICTION}/")):  # W&B's own (_step, ...) and the table
                     history.setdefault(key, []).append((step, value))
-            if "Prediction/path" in row:
+            if f"{PREDICTION}/path" in row:
                 table = json.loads(
                     (run_folder / "files" / row["Prediction/path"]).read_text(encoding="utf-8")
                 )
