@@ -80,6 +80,7 @@ ALLOWED_KEYS = [
     "train.pack_tokens",
     "train.compile",
     "train.device",
+    "train.precision",
     "train.progress",
     "train.distributed",
     "train.fsdp_reshard_after_forward",
@@ -91,6 +92,9 @@ ALLOWED_KEYS = [
     "eval.max_eval_examples",
     "eval.metrics",
     "eval.task",
+    # A list of config.schema.BenchmarkConfig: task, data, subjects, max_questions, shots, split, dev,
+    # scoring, name, per_epoch (each documented there).
+    "eval.benchmarks",
     "track.backend",
     "track.mode",
     "track.project",

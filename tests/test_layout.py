@@ -23,6 +23,7 @@ STAGES = [
     {"chattune.evaluate"},
     {"chattune.track", "chattune.report"},
     {"chattune.train"},
+    {"chattune.ui"},  # a client of the CLI: it spawns `chattune train`, never imports the cli stage
     {"chattune.sweep", "chattune.demo"},
     {"chattune.cli", "chattune.__main__"},  # cli/__main__.py is part of chattune.cli
 ]

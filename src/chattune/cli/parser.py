@@ -8,6 +8,7 @@ import os
 import sys
 
 from chattune.cli.commands import (
+    cmd_bench,
     cmd_chat,
     cmd_compare,
     cmd_demo,
@@ -21,6 +22,7 @@ from chattune.cli.commands import (
     cmd_train,
 )
 from chattune.errors import ChattuneError
+from chattune.ui import add_ui_parser  # light: the web app loads when `chattune ui` runs
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_runs,
         _add_shipping,
         _add_serving,
+        add_ui_parser,  # chattune ui
     ):
         add(sub)
     return p
@@ -110,7 +113,7 @@ def _add_using(sub) -> None:
 
 
 def _add_evaluating(sub) -> None:
-    """eval and report"""
+    """eval, bench and report"""
     e = sub.add_parser("eval", help="predictions + metrics of a model or adapter on a data file")
     e.add_argument("model", help="adapter folder or model directory")
     e.add_argument("--data", required=True, help="data file (.json/.jsonl), records with reference answers")
@@ -127,6 +130,41 @@ def _add_evaluating(sub) -> None:
     e.add_argument("--device", default="auto")
     add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="multiple-choice accuracy (C-Eval, CMMLU, MMLU, your own) of a model or adapter, offline",
+    )
+    b.add_argument("model", help="adapter folder, model directory, .gguf file or builtin:... id")
+    b.add_argument(
+        "--task", required=True, choices=["ceval", "cmmlu", "mmlu", "mcq"], help="the files' layout"
+    )
+    b.add_argument(
+        "--data", required=True, help="the benchmark's folder (val/ dev/ test/), or the mcq .jsonl"
+    )
+    b.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    b.add_argument("--shots", type=int, default=0, help="dev examples before each question (k-shot)")
+    b.add_argument("--split", default=None, help="default: C-Eval val, CMMLU test, MMLU test")
+    b.add_argument("--max-questions", type=int, default=None, help="the first N questions of each subject")
+    b.add_argument("--dev", default=None, help="mcq with --shots: the .jsonl the examples come from")
+    b.add_argument(
+        "--scoring",
+        choices=["letter", "choice"],
+        default="letter",
+        help="letter: log-likelihood of the answer letter (standard); choice: of each choice's text (cloze)",
+    )
+    b.add_argument(
+        "--backend",
+        choices=["chattune", "lm-eval"],
+        default="chattune",
+        help="lm-eval: the same prompts scored by lm-evaluation-harness (pip install lm-eval)",
+    )
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
+    b.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    b.add_argument("--device", default="auto")
+    add_trust_flag(b)
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
     r.add_argument("run_dir", help="a training run's output directory")

@@ -183,6 +183,26 @@ def check_methods(cfg: Config) -> list[tuple[str, str]]:
                     f"{lora.init} is converted to plain LoRA in one process; it does not work {fsdp}",
                 )
             )
+    if tc.precision == "fp8":
+        why = "train.precision: fp8 quantizes the frozen base weights of a LoRA run"
+        if not lora.enabled:
+            bad.append(
+                ("train.precision", f"fp8 needs lora.enabled: true ({why}; full fine-tuning trains them)")
+            )
+        if model.quantization != "none":
+            bad.append(
+                ("train.precision", "fp8 does not work with model.quantization (QLoRA); use one of them")
+            )
+        if lora.use_dora:
+            bad.append(
+                ("train.precision", "fp8 does not work with lora.use_dora (DoRA reads the bf16 weight)")
+            )
+        if tc.distributed == "fsdp":
+            bad.append(("train.precision", "fp8 does not work with train.distributed: fsdp; use ddp or bf16"))
+        if tc.device == "cpu":
+            bad.append(
+                ("train.precision", "fp8 needs a CUDA GPU (Hopper or newer); set it to bf16 on the CPU")
+            )
     if lora.loraplus_lr_ratio is not None and tc.offload:
         bad.append(
             ("lora.loraplus_lr_ratio", "does not work with train.offload (one learning rate on the host)")

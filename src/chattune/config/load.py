@@ -55,6 +55,8 @@ def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
             raise ConfigError(key, f"expected a list of strings, got {value!r}", path)
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {value!r}", path)
+        if dataclasses.is_dataclass(item_tp):  # a list of sections, e.g. eval.benchmarks
+            return [_build(item_tp, v, f"{key}[{i}]", path) for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]", path) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -108,8 +110,10 @@ def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as e:  # a section's own cross-field check: add the file it came from
-        if e.path is None and path is not None:
-            raise ConfigError(e.key, e.reason, path) from None
+        # A list item's check names its key alone ("shots"): put the item's place in front.
+        key = e.key if "." in e.key or not prefix else f"{prefix}.{e.key}"
+        if (e.path is None and path is not None) or key != e.key:
+            raise ConfigError(key, e.reason, e.path or path) from None
         raise
 
 

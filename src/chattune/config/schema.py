@@ -282,6 +282,14 @@ class TrainConfig:
     recomputation (activation memory budget 0) instead of transformers' checkpoint wrapper."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when a GPU is visible, else the CPU."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """The base matmuls of a LoRA run. `bf16`: as the model's dtype. `fp8`: the frozen base weights of the
+    decoder layers' linears quantized once to float8 e4m3 (per-row scales), activations and incoming
+    gradients per token row, on Hopper's FP8 tensor cores (`chattune.model.fp8`); LoRA A/B, norms,
+    attention, the LM head and the loss unchanged, and the adapter is an ordinary one. Needs a CUDA GPU of
+    compute capability 9.0+ (checked before anything loads); not with full fine-tuning, QLoRA, DoRA or
+    FSDP. Not yet equal to bf16: on the legal 7B job (one H100) it trained 1.33x faster and its final eval
+    loss was 4 % higher (bench/RESULTS.md, issue 28)."""
     progress: bool = True
     """Show a progress bar on an interactive terminal (log lines are written either way)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
@@ -294,6 +302,44 @@ class TrainConfig:
     again for its backward (least memory); `off` keeps them until the backward (one all-gather per layer per
     micro-batch instead of two; the whole model's weights are held at the end of the forward). `auto`: `off`
     when the model's weights take at most a quarter of the GPU's memory."""
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """One multiple-choice benchmark scored before training, at the end, and after every epoch with
+    `per_epoch` (`chattune bench` scores the same way; the README says where to get the files)."""
+
+    task: Literal["ceval", "cmmlu", "mmlu", "mcq"] = "mcq"
+    """The file layout: C-Eval, CMMLU or MMLU as published, or `mcq` (JSONL of question, choices, answer)."""
+    data: str = ""
+    """The benchmark's folder (holding val/ dev/ test/ or data/), or the `mcq` .jsonl file."""
+    subjects: list[str] = field(default_factory=list)
+    """Subjects (file names without the split suffix) to score; empty: every subject of the split."""
+    max_questions: int | None = None
+    """The first N questions of each subject (null: all)."""
+    shots: int = 0
+    """Dev-split examples put before each question (k-shot)."""
+    split: str | None = None
+    """The split scored; default C-Eval val, CMMLU test, MMLU test (C-Eval's test has no answers)."""
+    dev: str | None = None
+    """For `mcq` with `shots`: the JSONL file the examples come from."""
+    scoring: Literal["letter", "choice"] = "letter"
+    """`letter`: log-likelihood of each choice's letter (the benchmarks' standard); `choice`: of each
+    choice's text per character (the cloze form, which models below ~1B answer better than chance)."""
+    name: str | None = None
+    """The metric's name, `bench/<name>/accuracy`; default: `task` (two entries need distinct names)."""
+    per_epoch: bool = False
+    """Also score after every epoch, not only before training and at the end."""
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("data", "the benchmark's folder or .jsonl file is required")
+        if self.shots < 0:
+            raise ConfigError("shots", f"must be 0 or more, got {self.shots}")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ConfigError(
+                "max_questions", f"must be at least 1 (or null for all), got {self.max_questions}"
+            )
 
 
 @dataclass(frozen=True)
@@ -316,6 +362,17 @@ class EvalConfig:
     and macro-F1 (the label-matching rule is in `metrics.compute_metrics`)."""
     task: Literal["generation", "classification"] = "generation"
     """`classification`: answers are labels, scored by accuracy and macro-F1; `generation`: free text."""
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    """Multiple-choice benchmarks (see BenchmarkConfig) scored before and after training: their
+    accuracy is logged as `bench/<name>/accuracy` and heads the run's report."""
+
+    def __post_init__(self):
+        names = [b.name or b.task for b in self.benchmarks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                "eval.benchmarks", f"two entries are named {twice[0]}; give each a distinct `name`"
+            )
 
 
 TrackerName = Literal["swanlab", "tensorboard", "mlflow", "wandb", "trackio", "none"]
@@ -329,7 +386,7 @@ class TrackConfig:
     same config, scalars, sample-answer tables and summary. MLflow, W&B and Trackio are optional extras
     (`pip install 'chattune[mlflow]'`, `[wandb]`, `[trackio]`)."""
     mode: Literal["auto", "cloud", "local", "offline", "disabled"] = "auto"
-    """SwanLab's and W&B's mode. `auto`: cloud when an API key is configured (SwanLab's or W&B's own),
+    """SwanLab mode, and W&B's. `auto`: cloud when an API key is configured (SwanLab's or W&B's own),
     otherwise offline (never prompts); `local`: SwanLab's local dashboard, W&B offline."""
     project: str = "chattune"
     """SwanLab / W&B / Trackio project and MLflow experiment (unless `group` is set). SwanLab's rule:

@@ -67,7 +67,9 @@ def run_eval(
     if system_prompt is not None:
         loaded.system_prompt = system_prompt
     t0 = time.time()
-    rows = predict_samples(loaded, eval_set, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows = predict_samples(
+        loaded, eval_set, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True
+    )
     gen_s = time.time() - t0
     scores = score_predictions(rows, names)
 

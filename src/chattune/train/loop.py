@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from chattune.config.schema import EvalConfig, TrainConfig
 from chattune.console import say_once
 from chattune.errors import ChattuneError
+from chattune.evaluate.benchmarks import benchmarks_due, score_benchmarks
 from chattune.evaluate.judge import eval_loss, predict_samples, score_predictions
 from chattune.track import Tracker
 from chattune.train.checkpoints import Progress
@@ -161,6 +162,8 @@ class Evaluation:
     takes_part: bool  # rank 0, or every rank of sharded weights
     device: str
     compiled: bool
+    benchmarks: list = ()  # (BenchmarkConfig, Benchmark): before training, at the end, per epoch if asked
+    total_steps: int = 0  # the run's last step: its epoch-end evaluation scores every benchmark
 
     def __call__(self, step: int, epoch: float, tag: str) -> None:
         import torch
@@ -169,7 +172,8 @@ class Evaluation:
 
         if not self.takes_part:
             return
-        if not ((self.cfg.loss and self.eval_ex) or self.samples):  # evaluation is off: nothing to say either
+        due = benchmarks_due(self.benchmarks, tag, step, self.total_steps)
+        if not ((self.cfg.loss and self.eval_ex) or self.samples or due):  # nothing to evaluate now
             return
         # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
         # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
@@ -177,9 +181,9 @@ class Evaluation:
         d = self.device
         rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if d == "cuda" else [])
         with rng, embeddings_on_device(self.model), eager() if self.compiled else contextlib.nullcontext():
-            self._evaluate(step, epoch, tag)
+            self._evaluate(step, epoch, tag, due)
 
-    def _evaluate(self, step: int, epoch: float, tag: str) -> None:
+    def _evaluate(self, step: int, epoch: float, tag: str, due: list) -> None:
         row: dict = {"epoch": epoch, "tag": tag}
         if self.cfg.loss and self.eval_ex:
             row["eval/loss"] = eval_loss(self.model, self.eval_ex, self.pad_id, self.cfg.batch_size)
@@ -194,9 +198,11 @@ class Evaluation:
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, self.metric_names).items()})
             for r in preds[:2]:
                 say_once(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
+        if due:
+            row.update(score_benchmarks(self.loaded, due, batch_size=self.cfg.batch_size))
         self.tracker.log(row, step=step)
         self.history.append({"step": step, **row})
-        shown = {k: round(v, 4) for k, v in row.items() if k.startswith("eval/")}
+        shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("eval/", "bench/"))}
         say_once(f"eval [{tag}] step {step}: {shown}")
 
 
