@@ -110,7 +110,7 @@ CONFIGS = [
     ("eval:\n  samples: -1\n", "eval.samples"),
     ("eval:\n  max_eval_examples: 0\n", "eval.max_eval_examples"),
     ("eval:\n  metrics: [nope]\n", "eval.metrics[0]"),
-    ("track:\n  backend: wandb\n", "track.backend"),
+    ("track:\n  backend: comet\n", "track.backend"),
     ("track:\n  backend: swanlab\n  project: 法律问答微调\n", "track.project"),
     ("track:\n  backend: swanlab\n  project: my project\n", "track.project"),
     ("track:\n  backend: swanlab\n  experiment: ''\n", "track.experiment"),

@@ -104,6 +104,7 @@ ALLOWED_KEYS = [
     "track.tags",
     "track.required",
     "track.group",
+    "track.uri",
     "sweep.vary",
     "sweep.name",
 ]

@@ -72,17 +72,34 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
 _SWANLAB_PROJECT = re.compile(r"[0-9a-zA-Z_\-+.]{1,100}")  # used with fullmatch
 
 
+# track.backend name -> (module to find, the install line)
+TRACKER_PACKAGES = {
+    "swanlab": ("swanlab", "pip install swanlab"),
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install 'chattune[mlflow]'"),
+    "wandb": ("wandb", "pip install 'chattune[wandb]'"),
+    "trackio": ("trackio", "pip install 'chattune[trackio]'"),
+}
+
+
 def check_track(tc: TrackConfig) -> list[tuple[str, str]]:
+    """Every rule on `track`: known names, `none` alone, each tracker installed, SwanLab's name limits."""
     bad: list[tuple[str, str]] = []
-    package = {"swanlab": "swanlab", "tensorboard": "tensorboard"}.get(tc.backend)
-    if package and importlib.util.find_spec(package) is None:
-        bad.append(
-            (
-                "track.backend",
-                f"{package} is not installed: pip install {package}, or set track.backend: none",
+    names = [tc.backend] if isinstance(tc.backend, str) else list(tc.backend)
+    if "none" in names and len(names) > 1:
+        bad.append(("track.backend", f"`none` cannot be combined with other trackers, got {names}"))
+    for name in tc.backends:
+        module, install = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            bad.append(
+                (
+                    "track.backend",
+                    f"{name} is not installed: {install}, or remove it from track.backend",
+                )
             )
-        )
-    if tc.backend != "swanlab":
+    if tc.uri is not None and not tc.uri.strip():
+        bad.append(("track.uri", "must be a tracking URI (e.g. http://localhost:5000) or null"))
+    if "swanlab" not in tc.backends:
         return bad
     if not _SWANLAB_PROJECT.fullmatch(tc.project):
         bad.append(

@@ -384,26 +384,43 @@ class EvalConfig:
             )
 
 
+TrackerName = Literal["swanlab", "tensorboard", "mlflow", "wandb", "trackio", "none"]
+
+
 @dataclass(frozen=True)
 class TrackConfig:
-    backend: Literal["swanlab", "tensorboard", "none"] = "none"
-    """metrics.jsonl is always written; this adds a tracker."""
+    backend: TrackerName | list[TrackerName] = "none"
+    """Trackers the run is mirrored to (metrics.jsonl and predictions.jsonl are always written): one name or
+    a list of `swanlab`, `tensorboard`, `mlflow`, `wandb`, `trackio`; `none` (or `[]`): none. Each gets the
+    same config, scalars, sample-answer tables and summary. MLflow, W&B and Trackio are optional extras
+    (`pip install 'chattune[mlflow]'`, `[wandb]`, `[trackio]`)."""
     mode: Literal["auto", "cloud", "local", "offline", "disabled"] = "auto"
-    """SwanLab mode. `auto`: cloud when an API key is configured, otherwise offline (never prompts)."""
+    """SwanLab mode, and W&B's. `auto`: cloud when an API key is configured (SwanLab's or W&B's own),
+    otherwise offline (never prompts); `local`: SwanLab's local dashboard, W&B offline."""
     project: str = "chattune"
-    """SwanLab project: 1-100 characters of `0-9 a-z A-Z _ - + .` (SwanLab's own rule; checked at load)."""
+    """SwanLab / W&B / Trackio project and MLflow experiment (unless `group` is set). SwanLab's rule:
+    1-100 characters of `0-9 a-z A-Z _ - + .` (checked at load when swanlab is a backend)."""
     experiment: str | None = None
-    """The run's name in SwanLab (1-512 characters); default: SwanLab picks one."""
+    """The run's name in each tracker (1-512 characters); default: the tracker picks one."""
     description: str | None = None
-    """1-1024 characters."""
+    """1-1024 characters (SwanLab description, W&B notes, MLflow note)."""
     tags: list[str] = field(default_factory=list)
-    """Each up to 512 characters."""
+    """Each up to 512 characters (SwanLab / W&B tags, MLflow tag keys)."""
     required: bool = True
-    """A tracker asked for (`backend` swanlab or tensorboard) that cannot start stops the run before
-    training, so a run never ends without the record asked for. `false`: warn and track in metrics.jsonl
-    only."""
+    """A tracker asked for that cannot start stops the run before training, so a run never ends without
+    the record asked for. `false`: warn and go on with the others and metrics.jsonl."""
     group: str | None = None
-    """SwanLab experiment group; `chattune sweep` puts all its variants in one (the sweep's name)."""
+    """SwanLab / W&B / Trackio group; the MLflow experiment when set. `chattune sweep` puts all its
+    variants in one (the sweep's name)."""
+    uri: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `sqlite:///abs/path.db`, `databricks`); default:
+    MLFLOW_TRACKING_URI, else a SQLite store in the run directory (`<output_dir>/mlflow.db`)."""
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """`backend` as a tuple without `none` or repeats, in the order given."""
+        names = [self.backend] if isinstance(self.backend, str) else list(self.backend)
+        return tuple(dict.fromkeys(n for n in names if n != "none"))
 
 
 @dataclass(frozen=True)
@@ -413,7 +430,8 @@ class SweepConfig:
     vary: list[str] = field(default_factory=list)
     """`section.key=V1,V2,...` as `--vary` takes it; several entries run every combination."""
     name: str | None = None
-    """The sweep's SwanLab group and tag and its compare page's title; default: the config file's name."""
+    """The sweep's tracker group and tag (SwanLab / W&B / Trackio group, MLflow experiment) and its compare
+    page's title; default: the config file's name."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +447,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation before training and after every epoch: eval loss, sample answers, metrics."""
     track: TrackConfig = field(default_factory=TrackConfig)
-    """Where metrics and sample answers are mirrored (SwanLab, TensorBoard) besides the run directory."""
+    """Where metrics and sample answers are mirrored (SwanLab, TensorBoard, MLflow, W&B, Trackio) besides the
+    run directory."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Variants for `chattune sweep`."""

@@ -85,7 +85,7 @@ def open_run_dir(
         hparams = {**config_to_dict(cfg), "model_dir": str(data.model_dir), "dataset": data_info}
         hparams["params"] = {"trainable": built.n_trainable, "total": built.n_total}
         # The first write: a tracker asked for that cannot start stops the run here and leaves nothing.
-        tracker = build_tracker(cfg.track, out_dir, hparams)
+        tracker = build_tracker(cfg.track, out_dir, hparams, resume=resume)
         (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         write_run_state(out_dir, "running")
     return RunDir(facts, ckpt, done, done.progress.history, tracker, data_info)
@@ -137,6 +137,7 @@ def save(
     if world.size > 1:
         summary["distributed"] = {"processes": world.size, "mode": cfg.train.distributed}
     (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    opened.tracker.log_summary(summary, step=trained.step)
     opened.tracker.finish()
     write_run_state(out_dir, "finished")
     try:
@@ -157,6 +158,9 @@ class _SilentTracker:
         pass
 
     def log_predictions(self, rows: list[dict], step: int, tag: str) -> None:
+        pass
+
+    def log_summary(self, summary: dict, step: int) -> None:
         pass
 
     def finish(self) -> None:

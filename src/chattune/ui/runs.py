@@ -231,18 +231,32 @@ def run_overview(runs_dir: Path, run_id: str) -> dict:
 
 
 def tracker_location(config: dict, run_dir: Path) -> str | None:
-    """Where the run's tracker writes, as `track.py` chose it: SwanLab's SWANLAB_LOG_DIR (this UI's
-    environment, which the runs it starts inherit) or `<run>/swanlog`; TensorBoard's `<run>/tensorboard`."""
+    """Where the run's trackers write, as `chattune.track` chose it: SwanLab's SWANLAB_LOG_DIR (this UI's
+    environment, which the runs it starts inherit) or `<run>/swanlog`; TensorBoard's `<run>/tensorboard`;
+    MLflow's `track.uri` or `<run>/mlflow.db`; W&B's `<run>/wandb`; Trackio's TRACKIO_DIR."""
     track = config.get("track") if isinstance(config.get("track"), dict) else {}
     backend = track.get("backend")
-    if backend == "swanlab":
-        where = (
-            os.environ.get("SWANLAB_LOG_DIR") or os.environ.get("SWANLAB_LOGDIR") or str(run_dir / "swanlog")
-        )
-        return f"SwanLab ({track.get('mode', 'auto')}): {where}"
-    if backend == "tensorboard":
-        return f"TensorBoard: {run_dir}"
-    return None
+    names = backend if isinstance(backend, list) else [backend]
+    places = []
+    for name in names:
+        if name == "swanlab":
+            where = (
+                os.environ.get("SWANLAB_LOG_DIR")
+                or os.environ.get("SWANLAB_LOGDIR")
+                or str(run_dir / "swanlog")
+            )
+            places.append(f"SwanLab ({track.get('mode', 'auto')}): {where}")
+        elif name == "tensorboard":
+            places.append(f"TensorBoard: {run_dir}")
+        elif name == "mlflow":
+            places.append(
+                f"MLflow: {track.get('uri') or os.environ.get('MLFLOW_TRACKING_URI') or run_dir / 'mlflow.db'}"
+            )
+        elif name == "wandb":
+            places.append(f"W&B: {run_dir / 'wandb'}")
+        elif name == "trackio":
+            places.append(f"Trackio: project {track.get('project', 'chattune')}")
+    return "; ".join(places) or None
 
 
 def progress(config: dict, train_rows: list[dict], started: float | None) -> dict:
