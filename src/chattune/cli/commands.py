@@ -72,11 +72,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from chattune.files import check_output_path
+    from chattune.files import check_not_input, check_output_path
     from chattune.infer.load import load_for_inference
     from chattune.infer.predict import predict_file, read_prompts
 
     check_output_path(args.output, "--output", directory=False)  # before the model loads, not after
+    check_not_input(args.output, [args.input], "--output")
     read_prompts(args.input, "auto", None)  # a bad row is reported before the model loads too
     loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     n = predict_file(
