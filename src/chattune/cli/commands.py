@@ -13,6 +13,9 @@ def cmd_train(args) -> int:
     from chattune.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)  # a config mistake is reported once, before any launch
+    # Paths the config reads are relative to it; train.output_dir, an output, to the working directory.
+    where = Path(cfg.train.output_dir).expanduser().resolve()
+    print(f"chattune train: writing the run to {where}", file=sys.stderr, flush=True)
     if args.gpus is not None:
         from chattune.train.world import relaunch
 

@@ -1,7 +1,8 @@
 """YAML values and `section.key=value` overrides -> the typed `Config` of `config.schema`.
 
 Every key and type is checked; a mistake raises `ConfigError` naming the file (or the command line) and the
-key. Relative paths are resolved against the config file's folder. `dump_config` writes what is saved
+key. Relative paths the config reads are resolved against the config file's folder (`train.output_dir`,
+which it writes, stays relative to the working directory, like every --output). `dump_config` writes what is saved
 with every adapter.
 """
 
@@ -288,7 +289,7 @@ def load_config(
             ) from None
         if not isinstance(tree, dict):
             raise ConfigError("(file)", "the top level must be a mapping of sections", where)
-        # Relative data/output paths in a config file are relative to the file, not the shell's cwd.
+        # Relative paths it reads are relative to the file, not the shell's cwd (train.output_dir is not).
         tree = _resolve_relative(tree, p.parent)
     given = {}  # key -> the override as typed, for messages about a value that came from the command line
     for typed, (key, value) in zip(overrides or [], parse_overrides(overrides or []), strict=True):

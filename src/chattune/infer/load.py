@@ -199,10 +199,11 @@ def load_model_dir(src: ModelSource, dtype: Any, **kwargs):
         return AutoModelForCausalLM.from_pretrained(
             str(src.base_dir), dtype=dtype, trust_remote_code=src.trust_remote_code, **kwargs
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        # RuntimeError: a size mismatch (hidden_size edited, weights of another model); SafetensorError is one
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
+        # RuntimeError: a size mismatch (hidden_size edited, weights of another model); SafetensorError is one.
+        # AssertionError: torch's own check of a config that contradicts itself (pad_token_id >= vocab_size)
         raise ModelError(
-            f"cannot load the model from '{src.base_dir}': {str(e)[:300]}{_hint(e)}; re-download it or "
+            f"cannot load the model from '{src.base_dir}': {' '.join(str(e).split())[:300]}{_hint(e)}; re-download it or "
             "point at another folder"
         ) from None
 
@@ -250,7 +251,7 @@ def attach_adapter(model, adapter_dir: Path, **kwargs):
         return PeftModel.from_pretrained(model, str(adapter_dir), **kwargs)
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
         raise ModelError(
-            f"cannot apply the adapter '{adapter_dir}' to its base model: {str(e)[:300]}; the adapter was "
+            f"cannot apply the adapter '{adapter_dir}' to its base model: {' '.join(str(e).split())[:300]}; the adapter was "
             "trained for another model, or re-download or retrain it"
         ) from None
 
@@ -316,12 +317,12 @@ def check_template_renders(tokenizer, where: Path) -> None:
                 pass
         raise ModelError(
             f"the chat template in '{where}' fails on a plain conversation ({type(e).__name__}: "
-            f"{str(e)[:200]}); restore the folder's tokenizer_config.json / chat_template.jinja"
+            f"{' '.join(str(e).split())[:200]}); restore the folder's tokenizer_config.json / chat_template.jinja"
         ) from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as e:
         raise ModelError(
             f"the chat template in '{where}' fails on a plain conversation ({type(e).__name__}: "
-            f"{str(e)[:200]}); restore the folder's tokenizer_config.json / chat_template.jinja"
+            f"{' '.join(str(e).split())[:200]}); restore the folder's tokenizer_config.json / chat_template.jinja"
         ) from None
 
 
@@ -390,6 +391,8 @@ def load_many_for_inference(
             try:
                 shared[src.base_dir].load_adapter(str(src.adapter_dir), adapter_name=name)
             except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
-                raise ModelError(f"cannot apply the adapter '{src.adapter_dir}': {str(e)[:300]}") from None
+                raise ModelError(
+                    f"cannot apply the adapter '{src.adapter_dir}': {' '.join(str(e).split())[:300]}"
+                ) from None
         out.append(_finish_loading(src, shared[src.base_dir], load_source_tokenizer(src), name, name))
     return out

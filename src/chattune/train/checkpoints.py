@@ -152,7 +152,9 @@ def _read_state(folder: Path) -> dict:
             ) from None
         raise ValueError(f"state.pt is damaged ({e})") from None
     except Exception as e:  # truncated or empty file: torch raises several kinds
-        raise ValueError(f"state.pt is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+        raise ValueError(
+            f"state.pt is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        ) from None
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise ValueError("state.pt lacks the optimizer, scheduler or step")
     check_state(folder, state)
@@ -364,7 +366,7 @@ class Checkpointer:
                 load_trained_weights(self.model, folder / "adapter")  # the adapter, or a full fine-tune's
             except (RuntimeError, ValueError, KeyError) as e:  # peft's size mismatch, a damaged tensor
                 raise ChattuneError(
-                    f"--resume: {folder}/adapter does not fit this model ({str(e)[:200]}): delete that "
+                    f"--resume: {folder}/adapter does not fit this model ({' '.join(str(e).split())[:200]}): delete that "
                     "checkpoint folder and run with --resume again"
                 ) from None
             check_moments(folder, self.optimizer, state["optimizer"])
