@@ -232,8 +232,7 @@ _ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
 
 def read_adapter_config(folder: Path) -> dict:
     """`folder/adapter_config.json`, checked: a JSON object, `peft_type` one peft knows, and the fields peft
-    reads of the right types and ranges (`_ADAPTER_FIELDS`); then the weights: `adapter_model.safetensors`
-    present with a sound header (a pickle `adapter_model.bin` is refused, never opened).
+    reads of the right types and ranges (`_ADAPTER_FIELDS`). The weights are `check_adapter_weights`'.
 
     Raises ModelError naming the file and the field, and what to do.
     """
@@ -256,10 +255,16 @@ def read_adapter_config(folder: Path) -> dict:
         value = data.get(key)
         if value is not None and not ok(value):
             raise ModelError(f"{path}: '{key}' must be {want}, got {repr(value)[:60]}; {_REDO}")
+    return data
+
+
+def check_adapter_weights(folder: Path) -> None:
+    """`folder/adapter_model.safetensors` is there with a sound header (`read_safetensors_header`); a pickle
+    `adapter_model.bin` is refused, never opened. Raises ModelError naming the folder and what to do."""
+    folder = Path(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         pickled = " (adapter_model.bin, a pickle, is never loaded: it could run code)"
         has_bin = (folder / "adapter_model.bin").exists()
         raise ModelError(f"{folder} has no {ADAPTER_WEIGHTS}{pickled if has_bin else ''}; {_REDO}")
     read_safetensors_header(weights)
-    return data

@@ -17,6 +17,7 @@ import torch
 
 from chattune.adapter import (
     ADAPTER_WEIGHTS,
+    check_adapter_weights,
     check_model_weights,
     read_adapter_config,
     read_inference_info,
@@ -357,6 +358,8 @@ def load_for_inference(
     """
     src = read_model_source(path, trust_remote_code=trust_remote_code)
     device, torch_dtype = _pick(device, dtype)
+    if src.adapter_dir is not None:
+        check_adapter_weights(src.adapter_dir)  # before minutes of loading the base
     model = _load_base(src, device, torch_dtype)
     if src.adapter_dir is not None:
         model = attach_adapter(model, src.adapter_dir)
@@ -372,6 +375,9 @@ def load_many_for_inference(
     Each adapter is loaded into the shared PeftModel under its name; `generate` switches to it first.
     """
     sources = [read_model_source(p, trust_remote_code=trust_remote_code) for p in paths]
+    for src in sources:
+        if src.adapter_dir is not None:
+            check_adapter_weights(src.adapter_dir)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ChattuneError(f"two models would be served under the same name: {names}; give distinct folders")

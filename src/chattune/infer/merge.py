@@ -11,7 +11,13 @@ import shutil
 import warnings
 from pathlib import Path
 
-from chattune.adapter import InferenceInfo, read_inference_info, stop_ids, write_inference_info
+from chattune.adapter import (
+    InferenceInfo,
+    check_adapter_weights,
+    read_inference_info,
+    stop_ids,
+    write_inference_info,
+)
 from chattune.console import say
 from chattune.errors import ChattuneError
 from chattune.files import atomic_path, check_output_path, remove_stale_temporaries
@@ -64,6 +70,7 @@ def load_merged(src, dtype: str | None = None):
 
     from chattune.infer.load import attach_adapter, load_model_dir, load_source_tokenizer
 
+    check_adapter_weights(src.adapter_dir)  # before the base model's minutes of loading
     # On the CPU: merging needs no GPU, and a 7B model fits in RAM where it may not fit beside a job.
     base = load_model_dir(src, getattr(torch, dtype) if dtype else "auto")
     was_tied = _untie_embeddings(base)
