@@ -13,6 +13,9 @@ def cmd_train(args) -> int:
     from chattune.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)  # a config mistake is reported once, before any launch
+    # Paths the config reads are relative to it; train.output_dir, an output, to the working directory.
+    where = Path(cfg.train.output_dir).expanduser().resolve()
+    print(f"chattune train: writing the run to {where}", file=sys.stderr, flush=True)
     if args.gpus is not None:
         from chattune.train.world import relaunch
 
@@ -81,11 +84,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from chattune.files import check_output_path
+    from chattune.files import check_not_input, check_output_path
     from chattune.infer.load import load_for_inference
     from chattune.infer.predict import predict_file, read_prompts
 
     check_output_path(args.output, "--output", directory=False)  # before the model loads, not after
+    check_not_input(args.output, [args.input], "--output")
     read_prompts(args.input, "auto", None)  # a bad row is reported before the model loads too
     loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     n = predict_file(

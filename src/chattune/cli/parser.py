@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -23,6 +24,18 @@ from chattune.cli.commands import (
 )
 from chattune.errors import ChattuneError
 from chattune.ui import add_ui_parser  # light: the web app loads when `chattune ui` runs
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number >= 0. `float()` reads 'nan' and 'inf'; a NaN temperature decodes
+    greedily and an infinite one samples noise, both exiting 0, and `--max-body-mb inf` overflows later."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text[:40]!r}")
+    return value
 
 
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +109,7 @@ def _add_using(sub) -> None:
         default_t = "the model's generation_config (greedy when it does not sample)"
         c.add_argument(
             "--temperature",
-            type=float,
+            type=finite_float,
             default=None,
             help=f"default: {default_t if name == 'chat' else 'greedy (0)'}",
         )
@@ -229,7 +242,10 @@ def _add_serving(sub) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
     s.add_argument(
-        "--max-body-mb", type=float, default=4.0, help="larger request bodies are refused (413); default 4"
+        "--max-body-mb",
+        type=finite_float,
+        default=4.0,
+        help="larger request bodies are refused (413); default 4",
     )
     add_trust_flag(s)
     s.set_defaults(func=cmd_serve)

@@ -28,8 +28,17 @@ _POSITIVE = {
 }
 
 
+# A LoRA rank above every hidden size ever trained is a typo: refused here, not after minutes of loading
+# with a C++ allocation error. Usual ranks are 8-256; a model's own width bounds any useful one.
+MAX_LORA_RANK = 16_384
+
+
 def check_values(cfg: Config) -> list[tuple[str, str]]:
     bad: list[tuple[str, str]] = []
+    if cfg.lora.r > MAX_LORA_RANK:
+        bad.append(
+            ("lora.r", f"{cfg.lora.r} is larger than any model's hidden size; use at most {MAX_LORA_RANK}")
+        )
     for key in sorted(_POSITIVE):
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:

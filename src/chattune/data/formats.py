@@ -9,6 +9,7 @@ Every function here is pure: no files, no tokenizer. The reader turns a `BadRow`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -196,8 +197,9 @@ def _chat(
         if not isinstance(turn, dict):
             raise BadRow(f"{key}[{k}] must be an object with '{role_key}' and '{content_key}'")
         role = turn.get(role_key)
-        if role not in roles:
-            raise BadRow(f"{key}[{k}] has unknown role {role!r} (expected one of {', '.join(roles)})")
+        if not isinstance(role, str) or role not in roles:  # a list or object as role is not hashable
+            shown = repr(role) if isinstance(role, str | None) else f"a {type(role).__name__}"
+            raise BadRow(f"{key}[{k}] has unknown role {shown[:60]} (expected one of {', '.join(roles)})")
         content = turn.get(content_key)
         if not isinstance(content, str):
             raise BadRow(f"{key}[{k}].{content_key} must be a string")
@@ -206,6 +208,9 @@ def _chat(
             _add_reasoning(msg, turn.get("reasoning_content"), f"{key}[{k}]")
         msgs.append(msg)
     return msgs
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _add_reasoning(msg: dict, reasoning: Any, where: str) -> None:
@@ -240,6 +245,9 @@ def validate_messages(msgs: list[dict[str, str]]) -> None:
             )
     if body[-1]["role"] != "assistant":
         raise BadRow("conversation must end with an assistant answer")
+    for m in msgs:  # legal JSON ("\\ud800") that no tokenizer can encode
+        if _LONE_SURROGATE.search(m["content"]):
+            raise BadRow(f"a {m['role']} turn holds a lone UTF-16 surrogate (not a character); fix the text")
     for m in body:
         if m["role"] == "assistant" and not m["content"].strip():
             raise BadRow("empty assistant answer")

@@ -17,7 +17,7 @@ from pathlib import Path
 from chattune.adapter import read_inference_info, stop_ids
 from chattune.console import say
 from chattune.errors import ChattuneError, ModelError
-from chattune.files import atomic_path, check_output_path
+from chattune.files import atomic_path, check_output_path, remove_stale_temporaries
 
 ARCHITECTURES = ("llama", "qwen2")  # transformers model_type == llama.cpp architecture name
 
@@ -111,6 +111,8 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
         stops=list(dict.fromkeys(tokenizer.convert_ids_to_tokens(stops))),
         system=system or template_default_system(tokenizer),
     )
+    for stale in [*remove_stale_temporaries(out), *remove_stale_temporaries(modelfile)]:
+        say(f"note: removed {stale}, left by an export to {out} that did not finish")
     with atomic_path(out, suffix=".tmp") as tmp, atomic_path(modelfile, suffix=".tmp") as tmp_modelfile:
         _write_gguf(
             tmp,
@@ -265,14 +267,9 @@ def _load_model(src):
 
         model, _ = load_merged(src)
         return model.eval()
-    from transformers import AutoModelForCausalLM
+    from chattune.infer.load import load_model_dir
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(src.base_dir), dtype="auto", trust_remote_code=src.trust_remote_code
-        ).eval()
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the model from '{src.base_dir}': {e}") from None
+    return load_model_dir(src, "auto").eval()
 
 
 def llama_permute(w, n_head: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any, Literal
 
 from fastapi import Request
@@ -110,6 +111,28 @@ def check_api_key(request: Request, api_key: str | None) -> None:
         )
 
 
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The dotted place of the first string (key or value) in `value` holding a lone surrogate, or None."""
+    stack = [(value, where)]
+    while stack:  # not recursive: json.loads has already bounded the depth, but a deep body costs no stack
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return where
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                place = f"{where}.{k}" if where else str(k)
+                if _SURROGATE.search(k):
+                    return where or "request"
+                stack.append((v, place))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}.{i}") for i, v in enumerate(value))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_request(body: bytes) -> ChatRequest:
     try:
         data = json.loads(body)
@@ -119,6 +142,11 @@ def parse_request(body: bytes) -> ChatRequest:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object with 'model' and 'messages'")
+    where = _lone_surrogate(data, "")
+    if where is not None:  # legal JSON ("\\ud800"), but no text: the tokenizer and the response encoder fail
+        raise APIError(
+            400, f"{where or 'request'}: holds a lone UTF-16 surrogate, not a character", param=where
+        )
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as e:
