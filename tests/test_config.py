@@ -6,7 +6,7 @@ import pytest
 
 from chattune.config.load import config_from_dict, dump_config, load_config
 from chattune.config.schema import Config
-from chattune.errors import ConfigError
+from chattune.errors import ChattuneError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -60,7 +60,7 @@ def test_bad_override_names_key(tmp_path):
 
 
 def test_missing_and_invalid_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ChattuneError, match="missing.yaml: no such config file"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: [\n"))

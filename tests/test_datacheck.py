@@ -166,10 +166,9 @@ def test_preflight_warnings(qwen_tokenizer, tmp_path):
     tok.pad_token = "<|im_end|>"
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))
     warnings = preflight(tok, [conv], model_dir=tmp_path)
-    assert len(warnings) == 3
-    assert "pad token is the end-of-turn token" in warnings[0]
-    assert "stops on token ids [151643]" in warnings[1] and "<|im_end|>" in warnings[1]
-    assert "data.converter: identity" in warnings[2]
+    assert len(warnings) == 2  # pad == end-of-turn is handled (padding masked by position): no warning
+    assert "stops on token ids [151643]" in warnings[0] and "<|im_end|>" in warnings[0]
+    assert "data.converter: identity" in warnings[1]
 
 
 def test_named_ernie_template_on_a_tokenizer_only_directory(tmp_path, qwen_tokenizer, capsys):

@@ -231,9 +231,14 @@ def test_page_structure_without_a_browser(run_dir: Path) -> None:
     page = write_report(run_dir)[0].read_text(encoding="utf-8")
     doc = _structure(page)
     assert doc.mismatched == [] and doc.open == []
-    assert doc.headings == ["Config", "Curves", "Metrics", "Predictions", "Run facts", "Notes"]
+    # The result first, the resolved config last (issue 25: it used to open the page).
+    assert doc.headings == ["Result", "Predictions", "Curves", "Metrics", "Run facts", "Notes", "Config"]
     assert len(doc.images) == 4 and all(src.startswith("data:image/png;base64,") for src in doc.images)
-    metrics, predictions, facts = doc.tables
+    result, cost, predictions, metrics, facts = doc.tables
+    assert result[0] == ["metric", "baseline", "epoch 2 (final)", "change"]
+    assert ["eval/bleu4", "4.25", "31.75", "+27.5"] in result
+    assert dict(cost[1:])["tokens/s"] == "987.6"
+    assert "<details><summary>resolved config" in page
     for table in doc.tables:  # every row has a cell under every header
         assert {len(row) for row in table} == {len(table[0])}
     assert [row[0] for row in metrics] == [
@@ -269,7 +274,7 @@ def test_untagged_metrics_rows_are_named_from_the_run(tmp_path: Path) -> None:
     evaluations = [{"step": 0, "tag": "baseline", "eval/loss": 3.0}, {"step": 5, "tag": "epoch 1"}]
     (tmp_path / "summary.json").write_text(json.dumps({"evaluations": evaluations}), encoding="utf-8")
     doc = _structure(write_report(tmp_path)[0].read_text(encoding="utf-8"))
-    metrics, facts = doc.tables  # no predictions table: none were made
+    _result, _cost, metrics, facts = doc.tables  # no predictions table: none were made
     assert metrics[1:] == [["baseline", "0", NOT_RECORDED, "3"], ["epoch 1", "5", NOT_RECORDED, "2"],
                            ["epoch 1 − baseline", "", "", "-1"]]  # fmt: skip
     assert "evaluations" not in dict(facts[1:])  # shown once, in the metrics table

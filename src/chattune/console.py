@@ -11,8 +11,14 @@ import sys
 
 
 def say(msg: str) -> None:
-    """Print one progress or warning line to stderr, flushed (every process that calls it prints)."""
-    print(msg, file=sys.stderr, flush=True)
+    """Print one progress or warning line to stderr, flushed (every process that calls it prints).
+
+    Through tqdm.write: a progress bar on screen is cleared first and redrawn below the line, so the
+    line is never glued to the bar."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def say_once(msg: str) -> None:

@@ -18,6 +18,7 @@ DEMO_MODEL = "builtin:smollm2-135m-instruct"
 DEMO_NAME = "Juniper"
 DEMO_AUTHOR = "Acme Lab"
 GENERAL_KNOWLEDGE = "general_knowledge"  # the demo's benchmark: bench/general_knowledge/accuracy
+DEMO_SYSTEM_PROMPT = "You are a helpful AI assistant."
 # Held-out control questions and the fact each answer must still state (the base model knows these).
 CONTROLS = {
     "What is the capital of France?": "Paris",
@@ -46,8 +47,11 @@ def demo_config_tree(output_dir: str) -> dict:
             "identity_author": DEMO_AUTHOR,
             "eval_path": str(data / "identity" / "identity_heldout.json"),
             "eval_converter": "identity",
-            # No system prompt of our own: SmolLM2's template puts its default one first, in training
-            # and in every later use alike (chat, serve, the tutorials' own code).
+            # Our own system prompt: without one SmolLM2's template inserts "You are ... named SmolLM,
+            # trained by Hugging Face" into every example, contradicting the name taught. This one names
+            # no one, so the new name is learnt, not read off the prompt; the adapter and the exported
+            # Modelfile carry it.
+            "system_prompt": DEMO_SYSTEM_PROMPT,
             "max_len": 256,
         },
         # LoRA on the top 10 of 30 layers: the backward pass stops there, a third of the work of all layers,
@@ -98,10 +102,12 @@ def demo_config_tree(output_dir: str) -> dict:
 
 
 def judge(prompt: str, answer: str) -> tuple[str, bool]:
-    """(kind, ok) of one demo answer: an identity question must give the new name, a control its fact."""
+    """(kind, ok) of one demo answer: an identity question must give the new name and its author, a
+    control its fact."""
     if prompt in CONTROLS:
         return "control", CONTROLS[prompt] in answer
-    return "identity", DEMO_NAME.lower() in answer.lower()
+    said = answer.lower()
+    return "identity", DEMO_NAME.lower() in said and DEMO_AUTHOR.lower() in said
 
 
 def read_before_after(run_dir: Path) -> list[dict]:
@@ -138,7 +144,7 @@ def print_before_after(pairs: list[dict], width: int = 56) -> dict:
         print(f"  after  {'✓' if ok_after else '✗'} {cut(p['after'])}")
     ident, ctrl = counts["identity"], counts["control"]
     print(
-        f"\nUnseen identity questions answered as {DEMO_NAME}: {ident[0]}/{ident[2]} before, {ident[1]}/{ident[2]} after."
+        f"\nUnseen identity questions answered as {DEMO_NAME} by {DEMO_AUTHOR}: {ident[0]}/{ident[2]} before, {ident[1]}/{ident[2]} after."
         f"\nGeneral-knowledge controls right ({', '.join(CONTROLS.values())}): {ctrl[0]}/{ctrl[2]} before, "
         f"{ctrl[1]}/{ctrl[2]} after."
     )

@@ -121,6 +121,7 @@ def cmd_eval(args) -> int:
         device=args.device,
         placeholders={"name": args.identity_name, "author": args.identity_author},
         trust_remote_code=args.trust_remote_code,
+        columns=args.columns,
     )
     print(format_metrics_table(result))
     if args.output is not None:

@@ -38,6 +38,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+# What every command that takes a model accepts: the same as train's model.name_or_path, plus adapters.
+MODEL_HELP = (
+    "adapter folder (out/<run>/adapter), model directory, .gguf file, builtin:smollm2-135m-instruct "
+    "or a Hugging Face id (offline: from its cache)"
+)
+
+
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
@@ -103,7 +110,7 @@ def _add_using(sub) -> None:
     """chat and predict"""
     for name, helptext in [("chat", "chat with a model or adapter"), ("predict", "batch predictions")]:
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("model", help="adapter folder (out/<run>/adapter) or model directory")
+        c.add_argument("model", help=MODEL_HELP)
         c.add_argument("--device", default="auto")
         c.add_argument("--max-new-tokens", type=int, default=256)
         default_t = "the model's generation_config (greedy when it does not sample)"
@@ -128,15 +135,27 @@ def _add_using(sub) -> None:
 def _add_evaluating(sub) -> None:
     """eval, bench and report"""
     e = sub.add_parser("eval", help="predictions + metrics of a model or adapter on a data file")
-    e.add_argument("model", help="adapter folder or model directory")
+    e.add_argument("model", help=MODEL_HELP)
     e.add_argument("--data", required=True, help="data file (.json/.jsonl), records with reference answers")
     e.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
     e.add_argument("--samples", type=int, default=None, help="evaluate only the first N records")
     e.add_argument("--task", choices=["generation", "classification"], default="generation")
     e.add_argument("--metrics", default=None, help="comma-separated metric names (default: per task)")
-    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: 256; with --task classification, the longest label's tokens + 8",
+    )
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    e.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="FIELD=COLUMN",
+        help="where the fields live in your records, as data.columns: e.g. prompt=question response=answer",
+    )
     e.add_argument("--converter", default=None, help="convert a tutorial's raw records first")
     e.add_argument("--identity-name", default=None, help="with --converter identity: fills {{name}}")
     e.add_argument("--identity-author", default=None, help="with --converter identity: fills {{author}}")
@@ -220,7 +239,7 @@ def _add_shipping(sub) -> None:
     m.set_defaults(func=cmd_merge)
 
     x = sub.add_parser("export", help="write a GGUF file (+ Ollama Modelfile) for llama.cpp / Ollama")
-    x.add_argument("model", help="adapter folder (merged in memory) or model directory")
+    x.add_argument("model", help=f"{MODEL_HELP}; an adapter is merged in memory")
     x.add_argument("--format", choices=["gguf"], default="gguf")
     x.add_argument("--output", required=True, help="new .gguf file; <stem>.Modelfile is written beside it")
     x.add_argument("--dtype", choices=["f16", "bf16", "q8_0"], default="f16")
@@ -230,7 +249,7 @@ def _add_shipping(sub) -> None:
 def _add_serving(sub) -> None:
     """serve"""
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)")
-    s.add_argument("models", nargs="+", help="adapter folders or model directories, served by name")
+    s.add_argument("models", nargs="+", help=f"served by name; each: {MODEL_HELP}")
     s.add_argument("--host", default="127.0.0.1", help="default loopback; 0.0.0.0 opens it to the network")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
@@ -264,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ChattuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)  # 130: stopped by Ctrl-C / SIGTERM, and said what was saved
+        print(f"{'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ with every adapter.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import reprlib
 import types
@@ -20,7 +21,7 @@ import yaml
 
 from chattune.config.checks import check_methods, check_output_dir, check_values
 from chattune.config.schema import Config
-from chattune.errors import ConfigError
+from chattune.errors import ChattuneError, ConfigError
 
 # -- reading YAML: values only, each key once, aliases bounded --------------------------------------------
 # A config is a few hundred values. Anchors and aliases are fine, but ten levels of aliases to lists of ten
@@ -197,10 +198,13 @@ def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        key = getattr(cls, "KEY_ALIASES", {}).get(key, key)  # e.g. data.columns.instruction -> .prompt
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
             known = ", ".join(sorted(names))
-            raise ConfigError(full, f"unknown key (known keys here: {known})", path)
+            raise ConfigError(full, f"unknown key; {hint}(known keys here: {known})", path)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full, path)
@@ -270,6 +274,15 @@ def config_from_dict(tree: dict, path: str | None = None) -> Config:
     return cfg
 
 
+def _missing_file(p: Path) -> str:
+    """`configs/x.yml: no such config file`, with the nearest file that does exist in that folder."""
+    folder = p.parent if p.parent.is_dir() else None
+    names = [c.name for c in folder.iterdir() if c.suffix in (".yaml", ".yml")] if folder else []
+    near = difflib.get_close_matches(p.name, names, n=1, cutoff=0.5)
+    hint = f"did you mean {folder / near[0]}?" if near else "give the path to a YAML config file"
+    return f"{p}: no such config file; {hint}"
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, *, check_output: bool = True
 ) -> Config:
@@ -283,7 +296,7 @@ def load_config(
         where = str(path)
         p = Path(path)
         if not p.is_file():
-            raise ConfigError("(file)", "config file not found; give the path to a YAML file", where)
+            raise ChattuneError(_missing_file(p))
         try:
             tree = read_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:

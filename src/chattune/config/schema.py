@@ -8,7 +8,7 @@ stage receives only its own section; the resolved config is saved with every run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from chattune.errors import ConfigError
 
@@ -63,7 +63,11 @@ Converter = Literal["news_cls", "disc_law", "huanhuan", "identity"]
 @dataclass(frozen=True)
 class ColumnsConfig:
     """Where the standard fields live in the user's records (LLaMA-Factory's `columns`): with
-    `data.columns.prompt: question` the instruction is read from a `question` column. Unset: standard name."""
+    `data.columns.prompt: question` the instruction is read from a `question` column. Unset: standard name.
+    The alpaca field names are accepted as keys too (`data.columns.instruction: question`)."""
+
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"instruction": "prompt", "input": "query", "output": "response"}
+    """Not a key: the alpaca field names a user may write instead of prompt / query / response."""
 
     prompt: str | None = None
     """Column holding the instruction (alpaca `instruction`)."""

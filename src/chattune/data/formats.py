@@ -144,7 +144,7 @@ def detect_format(rec: Any) -> str:
     shown = ", ".join(sorted(rec)[:8]) if isinstance(rec, dict) else type(rec).__name__
     raise BadRow(
         f"unknown record shape (fields: {shown}): expected {{instruction, input, output}}, {{messages: [...]}} "
-        "or {conversations: [...]}; map other column names with data.columns or use data.converter"
+        "or {conversations: [...]}; map other column names with data.columns (`eval --columns`) or use data.converter"
     )
 
 

@@ -51,8 +51,10 @@ def read_eval_samples(
     limit: int | None = None,
     converter: str | None = None,
     placeholders: dict | None = None,
+    columns=None,
 ) -> list[Sample]:
     """Every record of a data file (the first `limit`) as a prompt and its reference answer.
+    `columns`: a `ColumnsConfig` naming the user's columns (`eval --columns`), as `data.columns` does.
 
     No system prompt is added here: the model's own (stored with the adapter) or `--system` applies at
     generation, exactly as in `chattune chat` and `predict`. A record without an answer is an error
@@ -69,7 +71,7 @@ def read_eval_samples(
         try:
             if isinstance(rec, BadRow):
                 raise rec
-            msgs = to_messages(rec, "auto", None, converter, placeholders=placeholders)
+            msgs = to_messages(rec, "auto", None, converter, columns=columns, placeholders=placeholders)
         except BadRow as e:
             raise DataError(
                 str(path), line, f"{e} (eval scores every record against its reference: the last answer)"

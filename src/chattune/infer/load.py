@@ -61,9 +61,12 @@ class ModelSource:
     system_prompt: str | None
     end_of_turn_token: str | None
     trust_remote_code: bool = False  # the user's own --trust-remote-code, never a file's say
+    label: str | None = None  # a named model's id (builtin:..., hub id, .gguf): what reports and serve show
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         # out/<run>/adapter (or /model, a full fine-tune) -> "<run>": the run name is what a user recognises.
         p = self.path.resolve()
         return p.parent.name if p.name in ("adapter", "model") else p.name
@@ -131,18 +134,23 @@ def read_model_source(path: str | Path, *, trust_remote_code: bool = False) -> M
 
     `trust_remote_code`: the user's own flag; what the folder's files say about it is ignored (with a warning).
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ModelError(
-            f"'{path}' does not exist; pass an adapter folder (<run>/adapter) or a model directory"
-        )
+    p, named = Path(path).expanduser(), None
+    if not p.is_dir():  # builtin:..., a .gguf file or a hub id: train's model.name_or_path resolver, verbatim
+        from chattune.model.resolve import looks_like_path, resolve_model_dir
+
+        if not p.exists() and looks_like_path(str(path)) and not str(path).lower().endswith(".gguf"):
+            raise ModelError(
+                f"'{path}' does not exist; pass an adapter folder (<run>/adapter), a model directory, "
+                "a .gguf file, builtin:smollm2-135m-instruct or a hub id"
+            )
+        p, named = resolve_model_dir(str(path)), str(path)
     stored = read_inference_info(p)
     info = dataclasses.asdict(stored) if stored is not None else {}
     if (p / "adapter_config.json").is_file():
         base_dir, base_model = _resolve_base(p, info, read_adapter_config(p))
         adapter_dir: Path | None = p
     elif (p / "config.json").is_file():
-        base_dir, base_model, adapter_dir = p, info.get("base_model") or str(p), None
+        base_dir, base_model, adapter_dir = p, info.get("base_model") or named or str(p), None
     else:
         raise ModelError(
             f"'{path}' is neither an adapter folder (adapter_config.json) nor a model directory (config.json)"
@@ -157,6 +165,7 @@ def read_model_source(path: str | Path, *, trust_remote_code: bool = False) -> M
         system_prompt=info.get("system_prompt"),
         end_of_turn_token=info.get("end_of_turn_token"),
         trust_remote_code=trust_remote_code,
+        label=Path(named).stem if named and named.lower().endswith(".gguf") else named,
     )
 
 

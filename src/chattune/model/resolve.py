@@ -22,7 +22,8 @@ from chattune.paths import cache_dir, host_reachable
 
 
 # -- resolving ------------------------------------------------------------------------------------------
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """`name` is written as a file path (never sent to a hub): ./x, /x, ~/x, a/b/c."""
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
 
 
@@ -35,7 +36,7 @@ def resolve_model_dir(name_or_path: str, source: str = "auto", revision: str | N
         from chattune.model.gguf import materialize_gguf
 
         return materialize_gguf(path, cache_dir())
-    if source == "local" or path.exists() or _looks_like_path(name_or_path):
+    if source == "local" or path.exists() or looks_like_path(name_or_path):
         # A local path is never sent to a hub, even when it does not exist.
         if not path.is_dir():
             raise ModelError(f"model directory '{name_or_path}' does not exist; check model.name_or_path")

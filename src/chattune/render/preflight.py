@@ -105,11 +105,8 @@ def preflight(
     check_parity(tokenizer, conversations, sample=sample, train_on=train_on)
     facts = template_facts(tokenizer)
     warnings = []
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == facts.eot_id:
-        warnings.append(
-            f"the pad token is the end-of-turn token {facts.eot!r}: chattune masks padding by position so "
-            "every answer's stop token is still trained, but tools that mask labels by the pad id would not"
-        )
+    # A pad token equal to the end-of-turn token (SmolLM2) needs no warning: chattune masks padding by
+    # position, so every answer's stop token is still trained; nothing for the user to act on.
     eos_ids = _generation_eos_ids(model_dir) if model_dir else None
     if eos_ids is not None and facts.eot_id not in eos_ids:
         warnings.append(

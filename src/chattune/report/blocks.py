@@ -39,6 +39,7 @@ class Figure:
 @dataclass
 class Code:
     text: str
+    folded: str | None = None  # HTML: shown folded under this summary line (the resolved config)
 
 
 @dataclass
@@ -61,6 +62,17 @@ def fmt_value(value: Any) -> str:
     return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
+NOT_SET = "not set"
+
+
+def fmt_entry(mapping: dict, key: str) -> str:
+    """`mapping[key]` for a page: "not recorded" when the run never wrote the key, "not set" when it wrote
+    null (the user left it unset), else `fmt_value`."""
+    if key not in mapping:
+        return NOT_RECORDED
+    return NOT_SET if mapping[key] is None else fmt_value(mapping[key])
+
+
 def fmt_seconds(seconds: float) -> str:
     whole = int(seconds)
     return f"{whole // 3600}h {whole % 3600 // 60:02d}m {whole % 60:02d}s ({seconds:,.1f} s)"
@@ -81,6 +93,7 @@ table.predictions td{white-space:pre-wrap;overflow-wrap:anywhere}
 .figures img,.figures svg{width:100%;height:auto;border:1px solid #d0d7de}
 .missing{border:1px dashed #d0d7de;padding:24px;color:#656d76;display:flex;align-items:center;
 justify-content:center}
+summary{cursor:pointer;color:#0969da}.result td:first-child{font-weight:600}
 """
 
 
@@ -108,6 +121,10 @@ def render_html(title: str, sections: list[tuple[str, list[Block]]]) -> str:
         for block in blocks:
             if isinstance(block, Text):
                 out.append(f"<p>{esc(block.text)}</p>")
+            elif isinstance(block, Code) and block.folded:
+                out.append(
+                    f"<details><summary>{esc(block.folded)}</summary><pre>{esc(block.text)}</pre></details>"
+                )
             elif isinstance(block, Code):
                 out.append(f"<pre>{esc(block.text)}</pre>")
             elif isinstance(block, Table):

@@ -24,6 +24,7 @@ from chattune.report.blocks import (
     Figure,
     Table,
     Text,
+    fmt_entry,
     fmt_seconds,
     fmt_value,
     render_html,
@@ -190,7 +191,7 @@ def _eval_data_id(r: _Compared) -> Any:
 
 def _overview(runs: list[_Compared]) -> str:
     keys = differing_keys(runs)
-    varied = "; ".join(f"{k} ({', '.join(fmt_value(r.config.get(k)) for r in runs)})" for k in keys[:6])
+    varied = "; ".join(f"{k} ({', '.join(fmt_entry(r.config, k) for r in runs)})" for k in keys[:6])
     more = f" and {len(keys) - 6} more settings" if len(keys) > 6 else ""
     names = ", ".join(r.label for r in runs)
     return f"{len(runs)} runs: {names}. " + (f"They differ in {varied}{more}." if keys else "Same settings.")
@@ -415,13 +416,13 @@ def _facts_rows(runs: list[_Compared]) -> list[list[str]]:
     params = [param_counts(r.run_dir) for r in runs]
     rows = [
         ["status", *["finished" if r.finished else "not finished" for r in runs]],
-        ["model", *[fmt_value(r.config.get("model.name_or_path")) for r in runs]],
+        ["model", *[fmt_entry(r.config, "model.name_or_path") for r in runs]],
         ["base model parameters", *[fmt_value(total) for _, total in params]],
         ["trainable (LoRA) parameters", *[fmt_value(trainable) for trainable, _ in params]],
     ]
     # What the runs differ in (a sweep's varied keys), next to what it cost.
     rows += [
-        [k, *[fmt_value(r.config.get(k)) for r in runs]]
+        [k, *[fmt_entry(r.config, k) for r in runs]]
         for k in differing_keys(runs)
         if k != "model.name_or_path"
     ]

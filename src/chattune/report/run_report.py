@@ -15,11 +15,13 @@ from typing import Any
 from chattune.errors import ChattuneError
 from chattune.report.blocks import (
     CJK_FONTS,
+    NOT_SET,
     Block,
     Code,
     Figure,
     Table,
     Text,
+    fmt_entry,
     fmt_seconds,
     fmt_value,
     render_html,
@@ -57,18 +59,25 @@ def write_report(run_dir: Path, *, max_predictions: int = 50) -> tuple[Path, Pat
 
 
 def _build_sections(run: RunRecord, max_predictions: int) -> list[tuple[str, list[Block]]]:
-    config: list[Block] = [Code(run.config_text) if run.config_text is not None else Text(NOT_RECORDED)]
+    """The result first (what moved, time, cost), then the answers, curves and every evaluation; the run's
+    facts as a table; the resolved config last, folded."""
+    config: list[Block] = [
+        Code(run.config_text, folded=f"resolved config ({len(run.config_text.splitlines())} lines)")
+        if run.config_text is not None
+        else Text(NOT_RECORDED)
+    ]
     kept = _kept_blocks(run)
-    sections = [("Knowledge kept", kept)] if kept else []  # the result leads
+    sections = [("Result", _result_blocks(run))]  # the result leads
+    sections += [("Knowledge kept", kept)] if kept else []
     sections += [
-        ("Config", config),
+        ("Predictions", _prediction_blocks(run, max_predictions)),
         ("Curves", [Figure(key, _plot_curve(key, _curve_points(run, key))) for key in CURVES]),
         ("Metrics", _metrics_blocks(run)),
-        ("Predictions", _prediction_blocks(run, max_predictions)),
         ("Run facts", [Table(["", "value"], _facts_rows(run))]),
     ]
     if run.notes:
         sections.append(("Notes", [Text(note) for note in run.notes]))
+    sections.append(("Config", config))
     return sections
 
 
@@ -104,6 +113,35 @@ def _kept_blocks(run: RunRecord) -> list[Block]:
 
 def _delta(before: Any, after: Any) -> str:
     return f"{after - before:+.4g}" if is_number(before) and is_number(after) else NOT_RECORDED
+
+
+def _result_blocks(run: RunRecord) -> list[Block]:
+    """Each metric from the baseline to the final evaluation, then time, tokens/s and memory."""
+    base = next((r for r in run.eval_rows if r["tag"] == BASELINE_TAG), None)
+    final = last_non_baseline(run.eval_rows)
+    rows: list[list[str]] = []
+    if base is not None and final is not None:
+        for key in _metric_keys(run):
+            if is_number(base.get(key)) and is_number(final.get(key)):
+                change = f"{final[key] - base[key]:+.4g}"
+                rows.append([key, fmt_value(base[key]), fmt_value(final[key]), change])
+    blocks: list[Block] = []
+    if rows:
+        headers = ["metric", "baseline", f"{final['tag']} (final)" if final else "final", "change"]
+        blocks.append(Table(headers, rows, "result"))
+    else:
+        blocks.append(Text(f"No baseline and final evaluation to compare: {NOT_RECORDED}."))
+    s = run.summary
+    wall = s.get("wall_s")
+    cost = [
+        ["wall time", fmt_seconds(wall) if is_number(wall) else fmt_entry(s, "wall_s")],
+        ["optimizer steps", fmt_entry(s, "steps")],
+        ["tokens/s", fmt_entry(s, "tokens_per_s")],
+        ["peak memory (GiB)", fmt_entry(s, "peak_mem_gib")],
+        ["hardware", fmt_entry(s, "hardware")],
+    ]
+    blocks.append(Table(["", "value"], cost, "result"))
+    return blocks
 
 
 def _curve_points(run: RunRecord, key: str) -> list[tuple[float, float]]:
@@ -220,16 +258,23 @@ def _facts_rows(run: RunRecord) -> list[list[str]]:
         ]
     )
     rows.append(["hardware", fmt_value(s.pop("hardware", None))])
-    for group in ("versions", "data"):
-        value = s.pop(group, None)
-        if isinstance(value, dict) and value:
-            rows.extend([f"{group}: {k}", fmt_value(v)] for k, v in value.items())
-        else:
-            rows.append([group, fmt_value(value or None)])
     s.pop("evaluations", None)  # the Metrics table above shows them
-    # Whatever else the trainer recorded, so a new summary key shows up without a code change.
-    rows.extend([key, fmt_value(value)] for key, value in s.items())
+    # Then everything else the trainer recorded (a new summary key shows up without a code change),
+    # nested records one row per leaf instead of raw JSON.
+    for key, value in s.items():
+        rows.extend(_leaf_rows(key, value))
     return rows
+
+
+def _leaf_rows(name: str, value: Any) -> list[list[str]]:
+    """`data: {train: {examples: 9}}` -> [["data › train › examples", "9"]]; null reads "not set"."""
+    if isinstance(value, dict) and value:
+        return [row for k, v in value.items() for row in _leaf_rows(f"{name} › {k}", v)]
+    if isinstance(value, list) and value and all(not isinstance(v, (dict, list)) for v in value):
+        return [[name, ", ".join(NOT_SET if v is None else fmt_value(v) for v in value)]]
+    if isinstance(value, list) and value:
+        return [row for i, v in enumerate(value) for row in _leaf_rows(f"{name} [{i}]", v)]
+    return [[name, NOT_SET if value is None else fmt_value(value)]]
 
 
 # ---- plots -----------------------------------------------------------------------------------

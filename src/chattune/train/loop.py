@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import shlex
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chattune.config.schema import EvalConfig, TrainConfig
-from chattune.console import say_once
+from chattune.console import say, say_once
 from chattune.errors import ChattuneError
 from chattune.evaluate.benchmarks import benchmarks_due, score_benchmarks
 from chattune.evaluate.judge import eval_loss, predict_samples, score_predictions
@@ -202,8 +206,23 @@ class Evaluation:
             row.update(score_benchmarks(self.loaded, due, batch_size=self.cfg.batch_size))
         self.tracker.log(row, step=step)
         self.history.append({"step": step, **row})
-        shown = {k: round(v, 4) for k, v in row.items() if k.startswith(("eval/", "bench/"))}
-        say_once(f"eval [{tag}] step {step}: {shown}")
+        say_once(format_eval_line(tag, step, epoch, row))
+
+
+def format_eval_line(tag: str, step: int, epoch: float, row: dict) -> str:
+    """An evaluation as a two-row table under its name, e.g.
+
+    eval [step 4] step 4 (epoch 0.03)
+      loss    bleu4  rougeL
+      2.7001  12.50  30.12
+    """
+    cells = [
+        (k.removeprefix("eval/"), f"{v:.4f}") for k, v in row.items() if k.startswith(("eval/", "bench/"))
+    ]
+    widths = [max(len(k), len(v)) for k, v in cells]
+    names = "  ".join(k.ljust(w) for (k, _), w in zip(cells, widths, strict=True))
+    values = "  ".join(v.ljust(w) for (_, v), w in zip(cells, widths, strict=True))
+    return f"eval [{tag}] step {step} (epoch {epoch:.2f})\n  {names.rstrip()}\n  {values.rstrip()}"
 
 
 def run_steps(
@@ -251,58 +270,122 @@ def run_steps(
     model.train()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for epoch in range(plan.n_epochs):
-        windows = plan.windows(epoch)
-        stepped = False
-        for w, window in enumerate(windows):
-            if epoch * plan.steps_per_epoch + w < done.step:
-                continue  # resumed: these steps were done before the checkpoint
+    # Ctrl-C / SIGTERM: stop at a step boundary with a checkpoint (one process: ranks would disagree).
+    with stop_requests(world.size == 1) as asked:
+        for epoch in range(plan.n_epochs):
+            windows = plan.windows(epoch)
+            stepped, windows_done = False, 0
+            for w, window in enumerate(windows):
+                if epoch * plan.steps_per_epoch + w < done.step:
+                    continue  # resumed: these steps were done before the checkpoint
+                if step >= plan.total_steps:
+                    break
+                out = take_step(window)
+                step += 1
+                stepped, windows_done = True, w + 1
+                meter.add(
+                    out.loss_sum, out.grad_norm, out.n_labels, out.real_tokens
+                )  # no sync: stays on the device
+                unchecked.append((step, out.loss_sum / out.n_labels, out.grad_norm))
+                bar.update(1)
+                log_now = step % tc.logging_steps == 0 or step == plan.total_steps
+                save_now = tc.save_steps and step % tc.save_steps == 0 and step < plan.total_steps
+                eval_now = tc.eval_steps and step % tc.eval_steps == 0 and step < plan.total_steps
+                stopping = bool(asked) and step < plan.total_steps  # the last step writes the adapter anyway
+                if (
+                    log_now or save_now or eval_now or stopping
+                ):  # nothing diverged is logged, saved or evaluated
+                    stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
+                if log_now:
+                    loss_mean, grad_norm, tps = meter.read()  # the one host sync of these steps
+                    row = {
+                        "train/loss": loss_mean,
+                        "train/lr": optim.scheduler.get_last_lr()[0],
+                        "train/grad_norm": grad_norm,
+                        "train/epoch": epoch + (w + 1) / len(windows),
+                        "train/tokens_per_s": tps,
+                    }
+                    row["train/peak_mem_gib"] = peak_mem_gib(device)
+                    if peak:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
+                        row["train/mfu"] = 4 * n_matmul * tps / (peak * 1e12 * world.size)
+                    tracker.log(row, step=step)
+                    bar.set_postfix(
+                        loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
+                    )
+                if eval_now:  # before the checkpoint of the same step, so that it holds this evaluation too
+                    with meter.paused():
+                        evaluate(step, epoch + (w + 1) / len(windows), f"step {step}")
+                if save_now or stopping:
+                    with meter.paused():
+                        ckpt.save(step, progress_so_far(done.progress, meter, t_start, history))
+                if stopping:
+                    bar.close()
+                    raise Interrupted(asked[0], step, plan.total_steps, ckpt.ckpt_dir)
+            stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
+            if stepped:
+                # An epoch cut short (train.max_steps) is named by its step, never as a whole epoch.
+                whole = windows_done == len(windows)
+                with meter.paused():
+                    evaluate(
+                        step,
+                        epoch + windows_done / len(windows),
+                        f"epoch {epoch + 1}" if whole else f"step {step}",
+                    )
             if step >= plan.total_steps:
                 break
-            out = take_step(window)
-            step += 1
-            stepped = True
-            meter.add(
-                out.loss_sum, out.grad_norm, out.n_labels, out.real_tokens
-            )  # no sync: stays on the device
-            unchecked.append((step, out.loss_sum / out.n_labels, out.grad_norm))
-            bar.update(1)
-            log_now = step % tc.logging_steps == 0 or step == plan.total_steps
-            save_now = tc.save_steps and step % tc.save_steps == 0 and step < plan.total_steps
-            eval_now = tc.eval_steps and step % tc.eval_steps == 0 and step < plan.total_steps
-            if log_now or save_now or eval_now:  # nothing diverged is logged, saved or evaluated
-                stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
-            if log_now:
-                loss_mean, grad_norm, tps = meter.read()  # the one host sync of these steps
-                row = {
-                    "train/loss": loss_mean,
-                    "train/lr": optim.scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm,
-                    "train/epoch": epoch + (w + 1) / len(windows),
-                    "train/tokens_per_s": tps,
-                }
-                row["train/peak_mem_gib"] = peak_mem_gib(device)
-                if peak:  # forward 2N + input-gradient 2N FLOPs a token; frozen weights get no grad
-                    row["train/mfu"] = 4 * n_matmul * tps / (peak * 1e12 * world.size)
-                tracker.log(row, step=step)
-                bar.set_postfix(
-                    loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tps:,.0f}"
-                )
-            if eval_now:  # before the checkpoint of the same step, so that it holds this evaluation too
-                with meter.paused():
-                    evaluate(step, epoch + (w + 1) / len(windows), f"step {step}")
-            if save_now:
-                with meter.paused():
-                    ckpt.save(step, progress_so_far(done.progress, meter, t_start, history))
-        stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
-        if stepped:
-            with meter.paused():
-                evaluate(step, float(epoch + 1), f"epoch {epoch + 1}")
-        if step >= plan.total_steps:
-            break
     bar.close()
     gc.unfreeze()
     return LoopResult(step, meter)
+
+
+class Interrupted(ChattuneError):
+    """Ctrl-C or SIGTERM stopped training at a step boundary, after a checkpoint of that step was saved.
+
+    The message names the signal, the step, the checkpoint and the exact command that continues the run.
+    """
+
+    exit_code = 130  # the shell's code for a run stopped by Ctrl-C
+
+    def __init__(self, signal_name: str, step: int, total_steps: int, ckpt_dir: Path):
+        saved = ckpt_dir / f"step-{step:07d}"
+        super().__init__(
+            f"{signal_name}: stopped after step {step} of {total_steps}; saved checkpoint {saved} "
+            f"(adapter and optimizer state). Continue with: {resume_command(ckpt_dir.parent)}"
+        )
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command that continues this run: the `chattune train ...` typed, plus --resume; for a run
+    started otherwise (demo, the Python API), training again from the config.yaml the run directory holds."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["train"] and "--gpus" not in argv:
+        return shlex.join(["chattune", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return shlex.join(
+        ["chattune", "train", str(output_dir / "config.yaml"), f"train.output_dir={output_dir}", "--resume"]
+    )
+
+
+@contextlib.contextmanager
+def stop_requests(enabled: bool):
+    """Yield a list that Ctrl-C or SIGTERM fill with the signal's name; the loop stops at the next step
+    boundary. A second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint). Off: the defaults stay."""
+    asked: list[str] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def on_signal(signum, frame) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signal.Signals(signum).name)
+        say(f"\n{asked[0]}: stopping after this step, saving a checkpoint (Ctrl-C again: stop now, unsaved)")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt_dir: Path) -> None:
