@@ -10,6 +10,8 @@ Cases, each its own process, run in the order given (`--cases`):
              Only the model, the data and the output move: `model.name_or_path=<random 7B dir>`,
              `data.train_path=<x4995 file>`, `track.backend=none` (SwanLab is not installed there).
   warm       the same command again: the compile cache and rendered data that `cold` left.
+  cold-fp8   `cold` with `train.precision=fp8` (issue 28: FP8 base matmuls), its own empty cache
+  warm-fp8   `cold-fp8` again, warm (the cache `cold-fp8` left)
   nosamples  `warm` with `eval.samples=0` (eval loss only): what the sample answers cost in the whole run
   ddp2       `cold`'s command with `--gpus 2` (torchrun, DDP replicas), its own empty cache: on nvidia-h200-x2
   fsdp2      the same with `train.distributed=fsdp` (FSDP2 shards)
@@ -98,12 +100,14 @@ def timed(cmd: list[str], env: dict, log: Path, limit: float) -> tuple[float, in
 
 def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, limit: float) -> dict:
     extra = {"nosamples": ["eval.samples=0"], "fsdp2": ["train.distributed=fsdp"]}.get(name, [])
+    if name.endswith("-fp8"):
+        extra = ["train.precision=fp8"]
     gpus = ["--gpus", "2"] if name in ("ddp2", "fsdp2") else []
     out = work / f"run-{name}"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "CHATTUNE_CACHE": str(work / "cache"), "PYTHONPATH": _pythonpath()}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-    if name in ("cold", "ddp2", "fsdp2"):  # each starts cold
+    if name in ("cold", "cold-fp8", "ddp2", "fsdp2"):  # each starts cold
         shutil.rmtree(work / "cache", ignore_errors=True)
     cache_there = (work / "cache" / "torch-compile").is_dir()  # warm only if an earlier case filled it
     cmd = [
@@ -150,6 +154,7 @@ def chattune_case(name: str, model: Path, data: Path, work: Path, logs: Path, li
             "epoch2_eval": first("eval [epoch 2]"),
             "done_line": first("done in"),
         },
+        losses=[[r["step"], r["train/loss"]] for r in train if "train/loss" in r],  # every log window
         hardware=summary["hardware"],
         versions=summary["versions"],
     )
@@ -233,7 +238,7 @@ def main() -> None:
     path = logs / "adapter-results.json"
     results = json.loads(path.read_text()) if path.is_file() else []
     for case in a.cases.split(","):
-        if case in ("cold", "warm", "nosamples", "ddp2", "fsdp2"):
+        if case in ("cold", "warm", "cold-fp8", "warm-fp8", "nosamples", "ddp2", "fsdp2"):
             res = chattune_case(case, model, data, work, logs, a.limit)
         elif case in ("fused", "unfused", "samples"):
             res = trainer_case(case, model, work, logs, a.limit)

@@ -110,11 +110,24 @@ CONFIGS = [
     ("eval:\n  samples: -1\n", "eval.samples"),
     ("eval:\n  max_eval_examples: 0\n", "eval.max_eval_examples"),
     ("eval:\n  metrics: [nope]\n", "eval.metrics[0]"),
-    ("track:\n  backend: wandb\n", "track.backend"),
+    ("track:\n  backend: comet\n", "track.backend"),
     ("track:\n  backend: swanlab\n  project: 法律问答微调\n", "track.project"),
     ("track:\n  backend: swanlab\n  project: my project\n", "track.project"),
     ("track:\n  backend: swanlab\n  experiment: ''\n", "track.experiment"),
     ("track:\n  required: maybe\n", "track.required"),
+    # issue 30: counts past int64, ranks past any model, non-finite numbers written every YAML way
+    ("lora:\n  r: 1000000000000000000000000000000\n", "lora.r"),
+    ("lora:\n  r: 100000\n", "lora.r"),
+    ("lora:\n  r: -9223372036854775809\n", "lora.r"),
+    ("data:\n  max_len: 100000000000000000000\n", "data.max_len"),
+    ("train:\n  micro_batch_size: 18446744073709551616\n", "train.micro_batch_size"),
+    ("train:\n  grad_accum_steps: 1e400\n", "train.grad_accum_steps"),
+    ("lora:\n  alpha: 1e400\n", "lora.alpha"),
+    ("lora:\n  alpha: .NaN\n", "lora.alpha"),
+    ("train:\n  lr: -.Inf\n", "train.lr"),
+    ("train:\n  lr: 1e999\n", "train.lr"),
+    ("train:\n  weight_decay: .nan\n", "train.weight_decay"),
+    ("eval:\n  max_new_tokens: 99999999999999999999999\n", "eval.max_new_tokens"),
 ]
 
 
@@ -124,6 +137,20 @@ def test_broken_config(tmp_path, capsys, extra, key):
     assert main(["train", str(cfg)]) == 2
     _one_clean_line(capsys, f"config key '{key}'", str(cfg))
     assert not (tmp_path / "run").exists()
+
+
+def _bomb(levels: int, tail: str) -> bytes:
+    """The billion-laughs shape: level k is a list of ten aliases to level k-1 (10**levels values)."""
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, levels)]
+    return ("x:\n" + "".join(f"  {line}\n" for line in lines) + tail).encode()
+
+
+def _inline_bomb(levels: int) -> bytes:
+    """`lora.r` as the same shape, anchors defined inside the value itself."""
+    items = ["&l0 [" + ", ".join(["1"] * 10) + "]"]
+    items += [f"&l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, levels)]
+    return f"lora:\n  r: [{', '.join(items)}]\n".encode()
 
 
 def _write(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -143,6 +170,24 @@ CONFIG_FILES = [
     ("deep", b"train: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "(file)"),
     ("not-utf8", b"train:\n  lr: \xff\xfe\n", "UTF-8"),
     ("section-not-mapping", b"train: 3\n", "config key 'train'"),
+    # issue 30: alias bombs answer at once (the expanded size is counted before anything is built)
+    ("alias-bomb-lora.r", _bomb(9, "lora:\n  r: *l8\n"), "aliases expand to more than"),
+    ("alias-bomb-lr", _bomb(7, "train:\n  lr: *l6\n"), "aliases expand to more than"),
+    ("alias-bomb-section", _bomb(8, "train: *l7\n"), "aliases expand to more than"),
+    ("alias-bomb-key", _bomb(8, "data:\n  system_prompt: {x: *l7}\n"), "aliases expand to more than"),
+    ("alias-small-bomb", _inline_bomb(4), "config key 'lora.r'"),  # 10**4 values: a bounded message
+    ("alias-to-itself", b"lora:\n  r: &a [*a]\n", "refers to a value that contains it"),
+    # issue 30: a key given twice is refused, naming both lines
+    ("duplicate-lr", b"train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", "key 'lr' is given twice (lines 2 and 3)"),
+    (
+        "duplicate-section",
+        b"train:\n  max_steps: 5\nlora:\n  r: 4\ntrain:\n  lr: 1.0\n",
+        "'train' is given twice",
+    ),
+    ("duplicate-model", b"model:\n  name_or_path: a\nmodel:\n  name_or_path: b\n", "'model' is given twice"),
+    ("duplicate-nested", b"data:\n  columns:\n    prompt: q\n    prompt: r\n", "'prompt' is given twice"),
+    ("duplicate-flow", b"lora: {r: 4, r: 8}\n", "'r' is given twice"),
+    ("duplicate-quoted", b"train:\n  lr: 1.0\n  'lr': 2.0\n", "'lr' is given twice"),
 ]
 
 
@@ -152,7 +197,7 @@ CONFIG_FILES = [
 def test_broken_config_file(tmp_path, capsys, name, content, reason):
     path = tmp_path / "c.yaml" if content is None else _write(tmp_path, "c.yaml", content)
     assert main(["train", str(path)]) == 2
-    _one_clean_line(capsys, reason, str(path))
+    assert len(_one_clean_line(capsys, reason, str(path))) < 600  # what a message prints is bounded
 
 
 def test_output_dir_that_is_a_file_or_under_one(tmp_path, capsys):
@@ -172,6 +217,12 @@ OVERRIDES = [
     (["train.lr.x=1"], "train.lr"),
     (["lora.r=[1, 2]"], "lora.r"),
     (["track.project=中文项目", "track.backend=swanlab"], "track.project"),
+    (["lora.r=100000000000000000000000000000"], "lora.r"),
+    (["lora.r=99999"], "lora.r"),
+    (["train.lr=-inf"], "train.lr"),
+    (["train.lr=1e999"], "train.lr"),
+    (["lora.r={a: 1, a: 2}"], "lora.r"),
+    (["lora.r=&a [*a, *a]"], "lora.r"),
 ]
 
 
@@ -237,6 +288,55 @@ DATA = [
     ),
     ("array-of-numbers.json", b"[\n1,\n2\n]", 2, "JSON object"),
     ("cells.csv", b"instruction,output\nq,a\nq,a,extra\n", 3, "cells"),
+    # issue 30: a role that is a list or an object; lone surrogates (legal JSON, no text)
+    (
+        "role-list.jsonl",
+        _rows(G, {"messages": [{"role": ["user"], "content": "q"}]}),
+        2,
+        "unknown role a list",
+    ),
+    (
+        "role-object.jsonl",
+        _rows(G, {"messages": [{"role": {"a": 1}, "content": "q"}]}),
+        2,
+        "unknown role a dict",
+    ),
+    ("from-list.jsonl", _rows(G, {"conversations": [{"from": ["human"], "value": "q"}]}), 2, "unknown role"),
+    ("from-object.jsonl", _rows(G, {"conversations": [{"from": {}, "value": "q"}]}), 2, "unknown role"),
+    (
+        "role-list-later.json",
+        b"[\n" + G.encode() + b',\n{"messages": [{"role": [], "content": "q"}]}\n]',
+        3,
+        "unknown role",
+    ),
+    (
+        "surrogate-output.jsonl",
+        _rows(G, '{"instruction": "q", "output": "\\ud800"}'),
+        2,
+        "lone UTF-16 surrogate",
+    ),
+    ("surrogate-instruction.jsonl", _rows(G, '{"instruction": "\\udfff x", "output": "a"}'), 2, "surrogate"),
+    (
+        "surrogate-system.jsonl",
+        _rows(G, '{"instruction": "q", "output": "a", "system": "\\udc80"}'),
+        2,
+        "surrogate",
+    ),
+    (
+        "surrogate-messages.jsonl",
+        _rows(
+            G,
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\ud83d"}]}',
+        ),
+        2,
+        "surrogate",
+    ),
+    (
+        "surrogate-sharegpt.jsonl",
+        _rows(G, '{"conversations": [{"from": "human", "value": "\\ud800"}, {"from": "gpt", "value": "a"}]}'),
+        2,
+        "surrogate",
+    ),
     (
         "long-prompt.jsonl",
         _rows(G, {"instruction": "很长的问题" * 200, "output": "答"}),
@@ -304,6 +404,25 @@ CLI = [
     (["data", "convert", "{tmp}/missing.json", "{tmp}/out.jsonl"], "file not found"),
     (["data", "convert", "{tmp}/in.jsonl", "{tmp}/out.jsonl", "--converter", "identity"], "--name"),
     (["demo", "--output-dir", "{tmp}/out", "train.lr=.nan"], "train.lr"),
+    # issue 30: non-finite numbers from the command line (argparse refuses them, naming the flag)
+    (["chat", "x", "--temperature", "nan"], None),
+    (["chat", "x", "--temperature", "inf"], None),
+    (["chat", "x", "--temperature", "-1"], None),
+    (["predict", "x", "--input", "i", "--output", "o", "--temperature", "NaN"], None),
+    (["predict", "x", "--input", "i", "--output", "o", "--temperature", "Infinity"], None),
+    (["predict", "x", "--input", "i", "--output", "o", "--temperature=-inf"], None),
+    (["serve", "x", "--max-body-mb", "inf"], None),
+    (["serve", "x", "--max-body-mb", "nan"], None),
+    (["serve", "x", "--max-body-mb=-inf"], None),
+    (["serve", "x", "--max-body-mb", "1e400"], None),
+    # issue 30: an output that is the input
+    (["predict", "{tmp}/missing", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/in.jsonl"], "is the input"),
+    (
+        ["predict", "{tmp}/missing", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/./x/../in.jsonl"],
+        "is the input",
+    ),
+    (["data", "convert", "{tmp}/in.jsonl", "{tmp}/in.jsonl"], "is the input"),
+    (["data", "convert", "{tmp}/in.jsonl", "{tmp}/sub/../in.jsonl"], "is the input"),
 ]
 
 
@@ -319,9 +438,13 @@ def test_broken_command_line(tmp_path, capsys, argv, reason):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and "error:" in err
+        if any(a.startswith(("--temperature", "--max-body-mb")) for a in argv):
+            assert "finite number" in err, err
     else:
+        before = (tmp_path / "in.jsonl").read_bytes()
         assert main(argv) == 2
         _one_clean_line(capsys, reason)
+        assert (tmp_path / "in.jsonl").read_bytes() == before  # the input is never written
     assert not any((tmp_path / name).exists() for name in ("out.jsonl", "merged", "out"))
 
 
@@ -392,6 +515,39 @@ REQUESTS = [
     ("nested-deep", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
     ("not-utf8", b'{"messages": "\xff\xfe"}', 400, None),
     ("int-5000-digits", b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", 400, None),
+    # issue 30: lone surrogates, wherever text enters (legal JSON escapes; no tokenizer can encode them)
+    (
+        "surrogate-user",
+        b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        400,
+        "messages.0.content",
+    ),
+    (
+        "surrogate-system",
+        b'{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", "content": "hi"}]}',
+        400,
+        "messages.0.content",
+    ),
+    (
+        "surrogate-model",
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        400,
+        "model",
+    ),
+    (
+        "surrogate-stop",
+        b'{"stop": ["\\udc00"], "messages": [{"role": "user", "content": "hi"}]}',
+        400,
+        "stop.0",
+    ),
+    (
+        "surrogate-part",
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+        400,
+        "messages.0.content.0.text",
+    ),
+    ("surrogate-key", b'{"\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}', 400, "request"),
+    ("surrogate-role", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}', 400, "messages.0.role"),
 ]
 
 
@@ -426,4 +582,4 @@ def test_wrong_methods_and_paths(server):
 def test_the_corpus_has_at_least_80_inputs():
     count = len(CONFIGS) + len(CONFIG_FILES) + 1 + len(OVERRIDES) + len(DATA) + len(SOURCES) + len(CLI)
     count += len(REQUESTS) + 3
-    assert count >= 80, count
+    assert count >= 80 + 66, count  # 66 added for issue 30 (and test_hostile_folders.py's folders)

@@ -49,6 +49,7 @@ ALLOWED_KEYS = [
     "data.on_bad_row",
     "data.dedup",
     "data.cache",
+    "data.template_kwargs",
     "lora.enabled",
     "lora.r",
     "lora.alpha",
@@ -80,6 +81,7 @@ ALLOWED_KEYS = [
     "train.pack_tokens",
     "train.compile",
     "train.device",
+    "train.precision",
     "train.progress",
     "train.distributed",
     "train.fsdp_reshard_after_forward",
@@ -91,6 +93,9 @@ ALLOWED_KEYS = [
     "eval.max_eval_examples",
     "eval.metrics",
     "eval.task",
+    # A list of config.schema.BenchmarkConfig: task, data, subjects, max_questions, shots, split, dev,
+    # scoring, name, per_epoch (each documented there).
+    "eval.benchmarks",
     "track.backend",
     "track.mode",
     "track.project",
@@ -99,6 +104,7 @@ ALLOWED_KEYS = [
     "track.tags",
     "track.required",
     "track.group",
+    "track.uri",
     "sweep.vary",
     "sweep.name",
 ]

@@ -156,4 +156,3 @@ def test_a_line_said_under_a_progress_bar_is_not_glued_to_it(capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "\r  [step 1] Q: 'hi'\n" in err  # the bar's line was cleared first
-

@@ -5,6 +5,7 @@ How variations are parsed and named is checked without training."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -71,7 +72,15 @@ def sweep_env(tmp_path_factory):
         mp.setenv("SWANLAB_LOG_DIR", str(root / "swanlog"))
         mp.setenv("SWANLAB_ROOT", str(root / "swanlab-root"))
         mp.setenv("OMP_NUM_THREADS", "1")  # the variants' processes: tiny models gain nothing from threads
+        for name in ("WANDB_API_KEY", "WANDB_MODE", "MLFLOW_TRACKING_URI"):
+            mp.delenv(name, raising=False)
+        (root / "netrc").write_text("")
+        mp.setenv("NETRC", str(root / "netrc"))  # no `wandb login` key: W&B offline
         yield root
+
+
+# SwanLab always; MLflow and W&B where installed (the test extra has them): one group for all variants.
+TRACKERS = ["swanlab"] + [n for n in ("mlflow", "wandb") if importlib.util.find_spec(n) is not None]
 
 
 def write_config(path: Path, model_dir: Path, data: Path, out: Path, sweep: dict | None = None) -> Path:
@@ -90,7 +99,7 @@ def write_config(path: Path, model_dir: Path, data: Path, out: Path, sweep: dict
             "progress": False,
         },
         "eval": {"samples": 2, "max_new_tokens": 4, "metrics": ["rouge1_char"]},  # no jieba to load
-        "track": {"backend": "swanlab", "mode": "offline", "project": "chattune-sweep-test"},
+        "track": {"backend": TRACKERS, "mode": "offline", "project": "chattune-sweep-test"},
     }
     if sweep:
         tree["sweep"] = sweep
@@ -154,6 +163,42 @@ def test_variants_share_one_swanlab_group(rank_sweep, sweep_env):
     assert {(s.project, s.group, tuple(s.tags)) for s in starts} == {
         ("chattune-sweep-test", "tiny-rank", ("tiny-rank",))
     }
+
+
+def test_variants_share_one_mlflow_experiment_and_wandb_group(rank_sweep, sweep_env):
+    """Each variant's MLflow run and W&B offline run hold what its metrics.jsonl and predictions.jsonl
+    say (scalars at the same steps, the sample answers), all in one experiment / group."""
+    if TRACKERS != ["swanlab", "mlflow", "wandb"]:
+        pytest.skip("needs mlflow and wandb (pip install -e '.[test]')")
+    from mlflow.tracking import MlflowClient
+    from tracker_stores import read_mlflow_run, read_wandb
+
+    _, _, base = rank_sweep
+    client = MlflowClient(tracking_uri=f"sqlite:///{base / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-rank")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["r4", "r8"]
+    for r in (4, 8):
+        run_dir = base / f"r{r}"
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+        series = {
+            key: [(m["step"], pytest.approx(m[key])) for m in metrics if m.get(key) is not None]
+            for key in ("train/loss", "train/lr", "eval/loss", "eval/rouge1_char")
+        }
+        samples = [{k: p[k] for k in ("step", "tag", "prompt", "prediction", "reference")} for p in preds]
+        assert [s for s, _ in series["train/loss"]] == [1, 2] and len(samples) == 4  # baseline + end
+
+        ml = read_mlflow_run(client, runs[f"r{r}"])
+        (folder,) = (run_dir / "wandb").glob("offline-run-*")
+        wb = read_wandb(folder)
+        assert wb["run"].run_group == "tiny-rank" and wb["run"].display_name == f"r{r}"
+        for key, expected in series.items():
+            assert ml["metrics"][key] == expected, key
+            assert wb["history"][key] == expected, key
+        assert ml["samples"] == samples and wb["samples"] == samples
+        assert ml["params"]["lora.r"] == str(r) and wb["config"]["lora"]["r"] == r
+        assert ml["metrics"]["summary/steps"] == [(2, 2.0)] and wb["summary"]["summary/steps"] == 2
 
 
 def test_resume_skips_finished_and_continues_interrupted(rank_sweep, capfd):

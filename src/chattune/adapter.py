@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ class InferenceInfo:
     trained_on_quantized_base: str | None = None  # "nf4" | "int8" (QLoRA)
     merged_from: str | None = None  # a merged model: the adapter folder it was merged from
     note: str | None = None
+    template_kwargs: dict | None = (
+        None  # data.template_kwargs: chat template arguments (enable_thinking, ...)
+    )
 
 
 # field -> the JSON types it may hold (None is always allowed, except for base_model)
@@ -57,6 +62,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "trained_on_quantized_base": (str,),
     "merged_from": (str,),
     "note": (str,),
+    "template_kwargs": (dict,),
 }
 _ALWAYS_WRITTEN = ("base_model", "system_prompt", "end_of_turn_token")
 
@@ -112,3 +118,157 @@ def stop_ids(tokenizer, eot: str | None, generation_config=None) -> list[int]:
         turn = None
     candidates = [turn, tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]
     return list(dict.fromkeys(i for i in candidates if isinstance(i, int) and not isinstance(i, bool)))
+
+
+# -- checking a folder from elsewhere before any weight is read -------------------------------------------------
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
+_REDO = "re-download or retrain it"
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """The tensors a .safetensors file says it holds, {name: (dtype, shape)}, read from its header only.
+
+    The header is checked against the file's size before anything trusts it: a header length past the end
+    (a header "of 2**62 bytes"), data offsets past the end or overlapping the header, or a tensor whose bytes
+    do not match its dtype and shape (a truncated download) raise ModelError naming the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{path} is {size} bytes, too short to be a safetensors file; {_REDO}")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > _MAX_HEADER_BYTES:
+                raise ModelError(
+                    f"{path}: its header claims {n} bytes but the file has {size}: damaged or truncated; {_REDO}"
+                )
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    except (ValueError, RecursionError):
+        raise ModelError(f"{path}: its header is not valid JSON: damaged; {_REDO}") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path}: its header is not a JSON object: damaged; {_REDO}")
+    data_bytes = size - 8 - n
+    out: dict[str, tuple[str, list[int]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shown = name[:80]
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["data_offsets"])
+        )
+        if not ok:
+            raise ModelError(f"{path}: tensor '{shown}' has a malformed header entry: damaged; {_REDO}")
+        start, end = entry["data_offsets"]
+        if not 0 <= start <= end <= data_bytes:
+            raise ModelError(
+                f"{path}: tensor '{shown}' lies at bytes {start}-{end} of a {data_bytes}-byte data section: "
+                f"truncated or damaged; {_REDO}"
+            )
+        width = _DTYPE_BYTES.get(entry["dtype"])
+        if width is not None and end - start != math.prod(entry["shape"]) * width:
+            raise ModelError(
+                f"{path}: tensor '{shown}' ({entry['dtype']} {entry['shape']}) should take "
+                f"{math.prod(entry['shape']) * width} bytes, its offsets give {end - start}: damaged; {_REDO}"
+            )
+        out[name] = (entry["dtype"], entry["shape"])
+    return out
+
+
+def check_model_weights(folder: Path) -> None:
+    """Check the header of every .safetensors file of a model directory (`read_safetensors_header`)."""
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        read_safetensors_header(weights)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# adapter_config.json field -> (check, what it must be); a missing or null field is left to peft's default
+_ADAPTER_FIELDS: dict[str, tuple[Any, str]] = {
+    "r": (lambda v: _is_int(v) and 0 < v <= 1 << 16, "a positive integer"),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (
+        lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "a module name pattern or a list of module names",
+    ),
+    "modules_to_save": (
+        lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "a list of module names",
+    ),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
+    "task_type": (lambda v: isinstance(v, str), "a string"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_int(x) and x > 0 for x in v.values()),
+        "{module: rank}",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+        "{module: alpha}",
+    ),
+}
+
+
+def read_adapter_config(folder: Path) -> dict:
+    """`folder/adapter_config.json`, checked: a JSON object, `peft_type` one peft knows, and the fields peft
+    reads of the right types and ranges (`_ADAPTER_FIELDS`). The weights are `check_adapter_weights`'.
+
+    Raises ModelError naming the file and the field, and what to do.
+    """
+    from peft import PeftType
+
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelError(f"cannot read {path}: {str(e)[:200]}; {_REDO}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object; {_REDO}")
+    kind = data.get("peft_type")
+    known = [t.value for t in PeftType]
+    if kind is not None and kind not in known:
+        shown = repr(kind)[:60] if isinstance(kind, str) else f"a {type(kind).__name__}"
+        raise ModelError(f"{path}: 'peft_type' is {shown}, not one peft knows (e.g. LORA); {_REDO}")
+    for key, (ok, want) in _ADAPTER_FIELDS.items():
+        value = data.get(key)
+        if value is not None and not ok(value):
+            raise ModelError(f"{path}: '{key}' must be {want}, got {repr(value)[:60]}; {_REDO}")
+    return data
+
+
+def check_adapter_weights(folder: Path) -> None:
+    """`folder/adapter_model.safetensors` is there with a sound header (`read_safetensors_header`); a pickle
+    `adapter_model.bin` is refused, never opened. Raises ModelError naming the folder and what to do."""
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = " (adapter_model.bin, a pickle, is never loaded: it could run code)"
+        has_bin = (folder / "adapter_model.bin").exists()
+        raise ModelError(f"{folder} has no {ADAPTER_WEIGHTS}{pickled if has_bin else ''}; {_REDO}")
+    read_safetensors_header(weights)

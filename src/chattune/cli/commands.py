@@ -13,14 +13,19 @@ def cmd_train(args) -> int:
     from chattune.config.load import load_config
 
     cfg = load_config(args.config, args.overrides)  # a config mistake is reported once, before any launch
+    # Paths the config reads are relative to it; train.output_dir, an output, to the working directory.
+    where = Path(cfg.train.output_dir).expanduser().resolve()
+    print(f"chattune train: writing the run to {where}", file=sys.stderr, flush=True)
     if args.gpus is not None:
         from chattune.train.world import relaunch
 
         resume = ["--resume"] if args.resume else []
         return relaunch(args.gpus, ["train", args.config, *args.overrides, *resume])
     from chattune.train.job import run
+    from chattune.train.rundir import recording_end_state
 
-    run(cfg, resume=args.resume)
+    with recording_end_state(cfg.train.output_dir):  # run_state.json: interrupted / failed; SIGTERM stops
+        run(cfg, resume=args.resume)
     return 0
 
 
@@ -31,7 +36,13 @@ def cmd_demo(args) -> int:
 
     from chattune.config.checks import check_output_dir
     from chattune.config.load import config_from_dict, parse_overrides
-    from chattune.demo import DEMO_NAME, demo_config_tree, print_before_after, read_before_after
+    from chattune.demo import (
+        DEMO_NAME,
+        demo_config_tree,
+        print_before_after,
+        print_knowledge_kept,
+        read_before_after,
+    )
     from chattune.train.job import run
 
     tree = demo_config_tree(args.output_dir)
@@ -47,6 +58,7 @@ def cmd_demo(args) -> int:
     )
     out = run(cfg)
     print_before_after(read_before_after(out))
+    print_knowledge_kept(out)
     print(f"\nAdapter: {out / 'adapter'}   Report: {out / 'report.html'}")
     print(f"Chat with it: chattune chat {out / 'adapter'}")
     # Where track.py told SwanLab to write: SWANLAB_LOG_DIR when set, else the run directory's swanlog/.
@@ -72,11 +84,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from chattune.files import check_output_path
+    from chattune.files import check_not_input, check_output_path
     from chattune.infer.load import load_for_inference
     from chattune.infer.predict import predict_file, read_prompts
 
     check_output_path(args.output, "--output", directory=False)  # before the model loads, not after
+    check_not_input(args.output, [args.input], "--output")
     read_prompts(args.input, "auto", None)  # a bad row is reported before the model loads too
     loaded = load_for_inference(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     n = predict_file(
@@ -114,6 +127,34 @@ def cmd_eval(args) -> int:
     if args.output is not None:
         out = Path(args.output)
         print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from chattune.evaluate.bench_command import run_bench
+    from chattune.evaluate.benchmarks import format_bench_table
+
+    result = run_bench(
+        args.model,
+        args.task,
+        args.data,
+        split=args.split,
+        subjects=args.subjects.split(",") if args.subjects else None,
+        shots=args.shots,
+        max_questions=args.max_questions,
+        dev=args.dev,
+        scoring=args.scoring,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        output_dir=args.output,
+        device=args.device,
+        system_prompt=args.system,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(format_bench_table(result, result["name"]))
+    if args.output is not None:
+        out = Path(args.output)
+        print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}", file=sys.stderr)
     return 0
 
 

@@ -181,7 +181,9 @@ def cmd_preview(args) -> int:
 
 def cmd_convert(args) -> int:
     from chattune.data import read_conversations, to_record
+    from chattune.files import check_not_input
 
+    check_not_input(args.output, [args.input], "OUTPUT")
     if args.converter == "identity" and not (args.name and args.author):
         from chattune.errors import ChattuneError
 

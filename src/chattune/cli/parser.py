@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from chattune.cli.commands import (
+    cmd_bench,
     cmd_chat,
     cmd_compare,
     cmd_demo,
@@ -21,6 +23,20 @@ from chattune.cli.commands import (
     cmd_train,
 )
 from chattune.errors import ChattuneError
+from chattune.ui import add_ui_parser  # light: the web app loads when `chattune ui` runs
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number >= 0. `float()` reads 'nan' and 'inf'; a NaN temperature decodes
+    greedily and an infinite one samples noise, both exiting 0, and `--max-body-mb inf` overflows later."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text[:40]!r}")
+    return value
+
 
 # What every command that takes a model accepts: the same as train's model.name_or_path, plus adapters.
 MODEL_HELP = (
@@ -51,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_runs,
         _add_shipping,
         _add_serving,
+        add_ui_parser,  # chattune ui
     ):
         add(sub)
     return p
@@ -99,7 +116,7 @@ def _add_using(sub) -> None:
         default_t = "the model's generation_config (greedy when it does not sample)"
         c.add_argument(
             "--temperature",
-            type=float,
+            type=finite_float,
             default=None,
             help=f"default: {default_t if name == 'chat' else 'greedy (0)'}",
         )
@@ -116,7 +133,7 @@ def _add_using(sub) -> None:
 
 
 def _add_evaluating(sub) -> None:
-    """eval and report"""
+    """eval, bench and report"""
     e = sub.add_parser("eval", help="predictions + metrics of a model or adapter on a data file")
     e.add_argument("model", help=MODEL_HELP)
     e.add_argument("--data", required=True, help="data file (.json/.jsonl), records with reference answers")
@@ -145,6 +162,41 @@ def _add_evaluating(sub) -> None:
     e.add_argument("--device", default="auto")
     add_trust_flag(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser(
+        "bench",
+        help="multiple-choice accuracy (C-Eval, CMMLU, MMLU, your own) of a model or adapter, offline",
+    )
+    b.add_argument("model", help="adapter folder, model directory, .gguf file or builtin:... id")
+    b.add_argument(
+        "--task", required=True, choices=["ceval", "cmmlu", "mmlu", "mcq"], help="the files' layout"
+    )
+    b.add_argument(
+        "--data", required=True, help="the benchmark's folder (val/ dev/ test/), or the mcq .jsonl"
+    )
+    b.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
+    b.add_argument("--shots", type=int, default=0, help="dev examples before each question (k-shot)")
+    b.add_argument("--split", default=None, help="default: C-Eval val, CMMLU test, MMLU test")
+    b.add_argument("--max-questions", type=int, default=None, help="the first N questions of each subject")
+    b.add_argument("--dev", default=None, help="mcq with --shots: the .jsonl the examples come from")
+    b.add_argument(
+        "--scoring",
+        choices=["letter", "choice"],
+        default="letter",
+        help="letter: log-likelihood of the answer letter (standard); choice: of each choice's text (cloze)",
+    )
+    b.add_argument(
+        "--backend",
+        choices=["chattune", "lm-eval"],
+        default="chattune",
+        help="lm-eval: the same prompts scored by lm-evaluation-harness (pip install lm-eval)",
+    )
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
+    b.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
+    b.add_argument("--device", default="auto")
+    add_trust_flag(b)
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="(re)write report.html and report.md of a run directory")
     r.add_argument("run_dir", help="a training run's output directory")
@@ -209,7 +261,10 @@ def _add_serving(sub) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
     s.add_argument(
-        "--max-body-mb", type=float, default=4.0, help="larger request bodies are refused (413); default 4"
+        "--max-body-mb",
+        type=finite_float,
+        default=4.0,
+        help="larger request bodies are refused (413); default 4",
     )
     add_trust_flag(s)
     s.set_defaults(func=cmd_serve)

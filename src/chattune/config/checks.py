@@ -28,8 +28,17 @@ _POSITIVE = {
 }
 
 
+# A LoRA rank above every hidden size ever trained is a typo: refused here, not after minutes of loading
+# with a C++ allocation error. Usual ranks are 8-256; a model's own width bounds any useful one.
+MAX_LORA_RANK = 16_384
+
+
 def check_values(cfg: Config) -> list[tuple[str, str]]:
     bad: list[tuple[str, str]] = []
+    if cfg.lora.r > MAX_LORA_RANK:
+        bad.append(
+            ("lora.r", f"{cfg.lora.r} is larger than any model's hidden size; use at most {MAX_LORA_RANK}")
+        )
     for key in sorted(_POSITIVE):
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
@@ -72,17 +81,34 @@ def check_values(cfg: Config) -> list[tuple[str, str]]:
 _SWANLAB_PROJECT = re.compile(r"[0-9a-zA-Z_\-+.]{1,100}")  # used with fullmatch
 
 
+# track.backend name -> (module to find, the install line)
+TRACKER_PACKAGES = {
+    "swanlab": ("swanlab", "pip install swanlab"),
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install 'chattune[mlflow]'"),
+    "wandb": ("wandb", "pip install 'chattune[wandb]'"),
+    "trackio": ("trackio", "pip install 'chattune[trackio]'"),
+}
+
+
 def check_track(tc: TrackConfig) -> list[tuple[str, str]]:
+    """Every rule on `track`: known names, `none` alone, each tracker installed, SwanLab's name limits."""
     bad: list[tuple[str, str]] = []
-    package = {"swanlab": "swanlab", "tensorboard": "tensorboard"}.get(tc.backend)
-    if package and importlib.util.find_spec(package) is None:
-        bad.append(
-            (
-                "track.backend",
-                f"{package} is not installed: pip install {package}, or set track.backend: none",
+    names = [tc.backend] if isinstance(tc.backend, str) else list(tc.backend)
+    if "none" in names and len(names) > 1:
+        bad.append(("track.backend", f"`none` cannot be combined with other trackers, got {names}"))
+    for name in tc.backends:
+        module, install = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            bad.append(
+                (
+                    "track.backend",
+                    f"{name} is not installed: {install}, or remove it from track.backend",
+                )
             )
-        )
-    if tc.backend != "swanlab":
+    if tc.uri is not None and not tc.uri.strip():
+        bad.append(("track.uri", "must be a tracking URI (e.g. http://localhost:5000) or null"))
+    if "swanlab" not in tc.backends:
         return bad
     if not _SWANLAB_PROJECT.fullmatch(tc.project):
         bad.append(
@@ -165,6 +191,26 @@ def check_methods(cfg: Config) -> list[tuple[str, str]]:
                     "lora.init",
                     f"{lora.init} is converted to plain LoRA in one process; it does not work {fsdp}",
                 )
+            )
+    if tc.precision == "fp8":
+        why = "train.precision: fp8 quantizes the frozen base weights of a LoRA run"
+        if not lora.enabled:
+            bad.append(
+                ("train.precision", f"fp8 needs lora.enabled: true ({why}; full fine-tuning trains them)")
+            )
+        if model.quantization != "none":
+            bad.append(
+                ("train.precision", "fp8 does not work with model.quantization (QLoRA); use one of them")
+            )
+        if lora.use_dora:
+            bad.append(
+                ("train.precision", "fp8 does not work with lora.use_dora (DoRA reads the bf16 weight)")
+            )
+        if tc.distributed == "fsdp":
+            bad.append(("train.precision", "fp8 does not work with train.distributed: fsdp; use ddp or bf16"))
+        if tc.device == "cpu":
+            bad.append(
+                ("train.precision", "fp8 needs a CUDA GPU (Hopper or newer); set it to bf16 on the CPU")
             )
     if lora.loraplus_lr_ratio is not None and tc.offload:
         bad.append(

@@ -1,7 +1,8 @@
 """YAML values and `section.key=value` overrides -> the typed `Config` of `config.schema`.
 
 Every key and type is checked; a mistake raises `ConfigError` naming the file (or the command line) and the
-key. Relative paths are resolved against the config file's folder. `dump_config` writes what is saved
+key. Relative paths the config reads are resolved against the config file's folder (`train.output_dir`,
+which it writes, stays relative to the working directory, like every --output). `dump_config` writes what is saved
 with every adapter.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,94 @@ import yaml
 from chattune.config.checks import check_methods, check_output_dir, check_values
 from chattune.config.schema import Config
 from chattune.errors import ChattuneError, ConfigError
+
+# -- reading YAML: values only, each key once, aliases bounded --------------------------------------------
+# A config is a few hundred values. Anchors and aliases are fine, but ten levels of aliases to lists of ten
+# aliases make a 400-byte file that stands for 10**10 values: loading it is cheap (PyYAML shares the objects),
+# walking or printing it never ends. The expanded size is counted on the node graph before anything is built.
+MAX_YAML_VALUES = 100_000
+_INT_LIMIT = 2**63 - 1  # torch and the C++ below it take int64; a larger count is a typo, not a plan
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (values only, no tags that build objects) that refuses a key given twice in one
+    mapping: plain PyYAML keeps the last one, so a second `train:` section silently replaces the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key '{key_node.value[:60]}' is given twice (lines {seen[key_node.value]} and {line}); "
+                        "keep one",
+                        key_node.start_mark,
+                    )
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded (an alias counts as its whole target)."""
+    key = id(node)
+    if key in memo:
+        if memo[key] < 0:
+            raise yaml.YAMLError("an alias refers to a value that contains it")
+        return memo[key]
+    memo[key] = -1
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > MAX_YAML_VALUES:
+            break
+    memo[key] = total
+    return total
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text -> plain values. Raises yaml.YAMLError for invalid YAML, a key given twice in a mapping, or
+    aliases that expand to more than MAX_YAML_VALUES values; RecursionError when nested too deeply."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.YAMLError(
+                f"its aliases expand to more than {MAX_YAML_VALUES:,} values; a config needs a few hundred"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+# What an error message shows of a value: a few items and levels, never the whole of something huge.
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = (
+    2,
+    4,
+    4,
+    60,
+    60,
+    40,
+)
+
+
+def _show(value: Any) -> str:
+    """repr(value), bounded: at most a few items and levels, 200 characters."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # -- YAML -> dataclasses --------------------------------------------------------------------------------
@@ -40,28 +130,39 @@ def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
             except ConfigError as e:
                 errors.append(e.reason)
         raise ConfigError(
-            key, f"expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {value!r}", path
+            key,
+            f"expected {' or '.join(_describe(a) for a in typing.get_args(tp))}, got {_show(value)}",
+            path,
         )
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(key, f"expected null, got {value!r}", path)
+        raise ConfigError(key, f"expected null, got {_show(value)}", path)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}", path)
+        raise ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}", path)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str) and item_tp is str:
-            raise ConfigError(key, f"expected a list of strings, got {value!r}", path)
+            raise ConfigError(key, f"expected a list of strings, got {_show(value)}", path)
         if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}", path)
+            raise ConfigError(key, f"expected a list, got {_show(value)}", path)
+        if dataclasses.is_dataclass(item_tp):  # a list of sections, e.g. eval.benchmarks
+            return [_build(item_tp, v, f"{key}[{i}]", path) for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]", path) for i, v in enumerate(value)]
-    if tp is bool:
+    if tp is dict:  # a mapping passed on as given (data.template_kwargs); its section checks the values
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > _INT_LIMIT:
+                raise ConfigError(
+                    key, f"{_show(value)} is too large for a count (at most {_INT_LIMIT})", path
+                )
             return value
     elif tp is float:
         number = None
@@ -78,21 +179,21 @@ def _coerce(value: Any, tp: Any, key: str, path: str | None) -> Any:
         if number is not None:
             if not math.isfinite(number):
                 # `.nan` / `.inf` in YAML: AdamW would train on it after minutes of loading, or write NaN weights.
-                raise ConfigError(key, f"must be a finite number, got {value!r}", path)
+                raise ConfigError(key, f"must be a finite number, got {_show(value)}", path)
             return number
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a programming error, not user input
         raise TypeError(f"unsupported annotation {tp} for {key}")
-    raise ConfigError(key, f"expected {_describe(tp)}, got {value!r}", path)
+    raise ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}", path)
 
 
 def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(prefix, f"expected a mapping of keys, got {values!r}", path)
+        raise ConfigError(prefix, f"expected a mapping of keys, got {_show(values)}", path)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -112,8 +213,10 @@ def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as e:  # a section's own cross-field check: add the file it came from
-        if e.path is None and path is not None:
-            raise ConfigError(e.key, e.reason, path) from None
+        # A list item's check names its key alone ("shots"): put the item's place in front.
+        key = e.key if "." in e.key or not prefix else f"{prefix}.{e.key}"
+        if (e.path is None and path is not None) or key != e.key:
+            raise ConfigError(key, e.reason, e.path or path) from None
         raise
 
 
@@ -145,7 +248,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             )
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = read_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(
                 key, f"cannot parse value {raw[:80]!r}: {_yaml_problem(e)}", "command line"
@@ -195,7 +298,7 @@ def load_config(
         if not p.is_file():
             raise ChattuneError(_missing_file(p))
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            tree = read_yaml(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError("(file)", f"not valid YAML: {_yaml_problem(e)}", where) from None
         except RecursionError:
@@ -206,7 +309,7 @@ def load_config(
             ) from None
         if not isinstance(tree, dict):
             raise ConfigError("(file)", "the top level must be a mapping of sections", where)
-        # Relative data/output paths in a config file are relative to the file, not the shell's cwd.
+        # Relative paths it reads are relative to the file, not the shell's cwd (train.output_dir is not).
         tree = _resolve_relative(tree, p.parent)
     given = {}  # key -> the override as typed, for messages about a value that came from the command line
     for typed, (key, value) in zip(overrides or [], parse_overrides(overrides or []), strict=True):

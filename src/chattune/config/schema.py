@@ -138,9 +138,18 @@ class DataConfig:
     cache: bool = True
     """Cache tokenised examples under $CHATTUNE_CACHE/tokenized, keyed by tokenizer, template, `max_len`,
     options and data, so that a second run starts at once."""
+    template_kwargs: dict = field(default_factory=dict)
+    """Arguments passed to the chat template in every rendering (training labels, pre-flight, sample answers,
+    chat, predict, eval, serve) and recorded in the adapter's inference.json, e.g. `{enable_thinking: false}`
+    for Qwen3. Names are strings, values scalars (true/false, numbers, strings)."""
 
     def __post_init__(self) -> None:
         # Checks between keys of this section; types were checked when the values were read.
+        for name, value in self.template_kwargs.items():
+            if not isinstance(name, str) or not (value is None or isinstance(value, (bool, int, float, str))):
+                raise ConfigError(
+                    f"data.template_kwargs.{name}", f"expected a true/false, number or string, got {value!r}"
+                )
         sources = self.train_path if isinstance(self.train_path, list) else [self.train_path]
         if isinstance(self.train_path, list) and (not sources or not all(sources)):
             raise ConfigError(
@@ -286,6 +295,14 @@ class TrainConfig:
     recomputation (activation memory budget 0) instead of transformers' checkpoint wrapper."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when a GPU is visible, else the CPU."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """The base matmuls of a LoRA run. `bf16`: as the model's dtype. `fp8`: the frozen base weights of the
+    decoder layers' linears quantized once to float8 e4m3 (per-row scales), activations and incoming
+    gradients per token row, on Hopper's FP8 tensor cores (`chattune.model.fp8`); LoRA A/B, norms,
+    attention, the LM head and the loss unchanged, and the adapter is an ordinary one. Needs a CUDA GPU of
+    compute capability 9.0+ (checked before anything loads); not with full fine-tuning, QLoRA, DoRA or
+    FSDP. Not yet equal to bf16: on the legal 7B job (one H100) it trained 1.33x faster and its final eval
+    loss was 4 % higher (bench/RESULTS.md, issue 28)."""
     progress: bool = True
     """Show a progress bar on an interactive terminal (log lines are written either way)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
@@ -298,6 +315,44 @@ class TrainConfig:
     again for its backward (least memory); `off` keeps them until the backward (one all-gather per layer per
     micro-batch instead of two; the whole model's weights are held at the end of the forward). `auto`: `off`
     when the model's weights take at most a quarter of the GPU's memory."""
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """One multiple-choice benchmark scored before training, at the end, and after every epoch with
+    `per_epoch` (`chattune bench` scores the same way; the README says where to get the files)."""
+
+    task: Literal["ceval", "cmmlu", "mmlu", "mcq"] = "mcq"
+    """The file layout: C-Eval, CMMLU or MMLU as published, or `mcq` (JSONL of question, choices, answer)."""
+    data: str = ""
+    """The benchmark's folder (holding val/ dev/ test/ or data/), or the `mcq` .jsonl file."""
+    subjects: list[str] = field(default_factory=list)
+    """Subjects (file names without the split suffix) to score; empty: every subject of the split."""
+    max_questions: int | None = None
+    """The first N questions of each subject (null: all)."""
+    shots: int = 0
+    """Dev-split examples put before each question (k-shot)."""
+    split: str | None = None
+    """The split scored; default C-Eval val, CMMLU test, MMLU test (C-Eval's test has no answers)."""
+    dev: str | None = None
+    """For `mcq` with `shots`: the JSONL file the examples come from."""
+    scoring: Literal["letter", "choice"] = "letter"
+    """`letter`: log-likelihood of each choice's letter (the benchmarks' standard); `choice`: of each
+    choice's text per character (the cloze form, which models below ~1B answer better than chance)."""
+    name: str | None = None
+    """The metric's name, `bench/<name>/accuracy`; default: `task` (two entries need distinct names)."""
+    per_epoch: bool = False
+    """Also score after every epoch, not only before training and at the end."""
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("data", "the benchmark's folder or .jsonl file is required")
+        if self.shots < 0:
+            raise ConfigError("shots", f"must be 0 or more, got {self.shots}")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ConfigError(
+                "max_questions", f"must be at least 1 (or null for all), got {self.max_questions}"
+            )
 
 
 @dataclass(frozen=True)
@@ -320,28 +375,56 @@ class EvalConfig:
     and macro-F1 (the label-matching rule is in `metrics.compute_metrics`)."""
     task: Literal["generation", "classification"] = "generation"
     """`classification`: answers are labels, scored by accuracy and macro-F1; `generation`: free text."""
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    """Multiple-choice benchmarks (see BenchmarkConfig) scored before and after training: their
+    accuracy is logged as `bench/<name>/accuracy` and heads the run's report."""
+
+    def __post_init__(self):
+        names = [b.name or b.task for b in self.benchmarks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                "eval.benchmarks", f"two entries are named {twice[0]}; give each a distinct `name`"
+            )
+
+
+TrackerName = Literal["swanlab", "tensorboard", "mlflow", "wandb", "trackio", "none"]
 
 
 @dataclass(frozen=True)
 class TrackConfig:
-    backend: Literal["swanlab", "tensorboard", "none"] = "none"
-    """metrics.jsonl is always written; this adds a tracker."""
+    backend: TrackerName | list[TrackerName] = "none"
+    """Trackers the run is mirrored to (metrics.jsonl and predictions.jsonl are always written): one name or
+    a list of `swanlab`, `tensorboard`, `mlflow`, `wandb`, `trackio`; `none` (or `[]`): none. Each gets the
+    same config, scalars, sample-answer tables and summary. MLflow, W&B and Trackio are optional extras
+    (`pip install 'chattune[mlflow]'`, `[wandb]`, `[trackio]`)."""
     mode: Literal["auto", "cloud", "local", "offline", "disabled"] = "auto"
-    """SwanLab mode. `auto`: cloud when an API key is configured, otherwise offline (never prompts)."""
+    """SwanLab mode, and W&B's. `auto`: cloud when an API key is configured (SwanLab's or W&B's own),
+    otherwise offline (never prompts); `local`: SwanLab's local dashboard, W&B offline."""
     project: str = "chattune"
-    """SwanLab project: 1-100 characters of `0-9 a-z A-Z _ - + .` (SwanLab's own rule; checked at load)."""
+    """SwanLab / W&B / Trackio project and MLflow experiment (unless `group` is set). SwanLab's rule:
+    1-100 characters of `0-9 a-z A-Z _ - + .` (checked at load when swanlab is a backend)."""
     experiment: str | None = None
-    """The run's name in SwanLab (1-512 characters); default: SwanLab picks one."""
+    """The run's name in each tracker (1-512 characters); default: the tracker picks one."""
     description: str | None = None
-    """1-1024 characters."""
+    """1-1024 characters (SwanLab description, W&B notes, MLflow note)."""
     tags: list[str] = field(default_factory=list)
-    """Each up to 512 characters."""
+    """Each up to 512 characters (SwanLab / W&B tags, MLflow tag keys)."""
     required: bool = True
-    """A tracker asked for (`backend` swanlab or tensorboard) that cannot start stops the run before
-    training, so a run never ends without the record asked for. `false`: warn and track in metrics.jsonl
-    only."""
+    """A tracker asked for that cannot start stops the run before training, so a run never ends without
+    the record asked for. `false`: warn and go on with the others and metrics.jsonl."""
     group: str | None = None
-    """SwanLab experiment group; `chattune sweep` puts all its variants in one (the sweep's name)."""
+    """SwanLab / W&B / Trackio group; the MLflow experiment when set. `chattune sweep` puts all its
+    variants in one (the sweep's name)."""
+    uri: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `sqlite:///abs/path.db`, `databricks`); default:
+    MLFLOW_TRACKING_URI, else a SQLite store in the run directory (`<output_dir>/mlflow.db`)."""
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """`backend` as a tuple without `none` or repeats, in the order given."""
+        names = [self.backend] if isinstance(self.backend, str) else list(self.backend)
+        return tuple(dict.fromkeys(n for n in names if n != "none"))
 
 
 @dataclass(frozen=True)
@@ -351,7 +434,8 @@ class SweepConfig:
     vary: list[str] = field(default_factory=list)
     """`section.key=V1,V2,...` as `--vary` takes it; several entries run every combination."""
     name: str | None = None
-    """The sweep's SwanLab group and tag and its compare page's title; default: the config file's name."""
+    """The sweep's tracker group and tag (SwanLab / W&B / Trackio group, MLflow experiment) and its compare
+    page's title; default: the config file's name."""
 
 
 @dataclass(frozen=True)
@@ -367,6 +451,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation before training and after every epoch: eval loss, sample answers, metrics."""
     track: TrackConfig = field(default_factory=TrackConfig)
-    """Where metrics and sample answers are mirrored (SwanLab, TensorBoard) besides the run directory."""
+    """Where metrics and sample answers are mirrored (SwanLab, TensorBoard, MLflow, W&B, Trackio) besides the
+    run directory."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """Variants for `chattune sweep`."""

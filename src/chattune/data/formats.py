@@ -9,6 +9,7 @@ Every function here is pure: no files, no tokenizer. The reader turns a `BadRow`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -196,13 +197,37 @@ def _chat(
         if not isinstance(turn, dict):
             raise BadRow(f"{key}[{k}] must be an object with '{role_key}' and '{content_key}'")
         role = turn.get(role_key)
-        if role not in roles:
-            raise BadRow(f"{key}[{k}] has unknown role {role!r} (expected one of {', '.join(roles)})")
+        if not isinstance(role, str) or role not in roles:  # a list or object as role is not hashable
+            shown = repr(role) if isinstance(role, str | None) else f"a {type(role).__name__}"
+            raise BadRow(f"{key}[{k}] has unknown role {shown[:60]} (expected one of {', '.join(roles)})")
         content = turn.get(content_key)
         if not isinstance(content, str):
             raise BadRow(f"{key}[{k}].{content_key} must be a string")
-        msgs.append({"role": roles[role], "content": content})
+        msg = {"role": roles[role], "content": content}
+        if roles[role] == "assistant" or turn.get("reasoning_content") is not None:
+            _add_reasoning(msg, turn.get("reasoning_content"), f"{key}[{k}]")
+        msgs.append(msg)
     return msgs
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _add_reasoning(msg: dict, reasoning: Any, where: str) -> None:
+    """An assistant answer's reasoning: its `reasoning_content` field, or a leading `<think>...</think>`
+    block of its content (as Qwen3 and DeepSeek-R1 write it), kept as `reasoning_content` (newlines around
+    it stripped, as Qwen3's template strips them); the content keeps the answer only. Empty reasoning is none."""
+    if reasoning is not None and msg["role"] != "assistant":
+        raise BadRow(f"{where}.reasoning_content: only an assistant answer carries reasoning")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise BadRow(f"{where}.reasoning_content must be a string")
+    content = msg["content"]
+    head = content.lstrip()
+    if reasoning is None and head.startswith("<think>") and "</think>" in head:
+        reasoning, content = head[len("<think>") :].split("</think>", 1)
+        msg["content"] = content.lstrip("\n")
+    if reasoning is not None and reasoning.strip("\n"):
+        msg["reasoning_content"] = reasoning.strip("\n")
 
 
 def validate_messages(msgs: list[dict[str, str]]) -> None:
@@ -220,6 +245,9 @@ def validate_messages(msgs: list[dict[str, str]]) -> None:
             )
     if body[-1]["role"] != "assistant":
         raise BadRow("conversation must end with an assistant answer")
+    for m in msgs:  # legal JSON ("\\ud800") that no tokenizer can encode
+        if _LONE_SURROGATE.search(m["content"]):
+            raise BadRow(f"a {m['role']} turn holds a lone UTF-16 surrogate (not a character); fix the text")
     for m in body:
         if m["role"] == "assistant" and not m["content"].strip():
             raise BadRow("empty assistant answer")
@@ -247,6 +275,9 @@ def to_messages(
     content_key = getattr(columns, "content", None)
     if kind == "alpaca":
         msgs = _alpaca(rec)
+        for m in msgs:
+            if m["role"] == "assistant":
+                _add_reasoning(m, None, "output")
     elif kind == "messages":
         key = "messages" if "messages" in rec else "conversations"
         msgs = _chat(rec, key, role_key or "role", content_key or "content", {r: r for r in ROLES})

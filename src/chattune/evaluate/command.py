@@ -76,7 +76,9 @@ def run_eval(
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(task, eval_set, loaded.tokenizer)
     t0 = time.time()
-    rows = predict_samples(loaded, eval_set, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows = predict_samples(
+        loaded, eval_set, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=True
+    )
     gen_s = time.time() - t0
     scores = score_predictions(rows, names)
 

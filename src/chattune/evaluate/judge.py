@@ -9,6 +9,7 @@ compared on identical prompts, decoding and metrics.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,19 +104,24 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> floa
     return total / max(count, 1)
 
 
-def predict_samples(loaded, samples: list[Sample], *, max_new_tokens: int, batch_size: int) -> list[dict]:
+def predict_samples(
+    loaded, samples: list[Sample], *, max_new_tokens: int, batch_size: int, progress: bool = False
+) -> list[dict]:
     """Answer every sample greedily, in batches; rows of {prompt, prediction, reference} in sample order.
 
     Batches group prompts of similar length (less left padding to compute); `infer.generate` sets the
     attention mask and pad id, and stops each row at the end-of-turn token or `max_new_tokens`. On a
     GPU, rows are decoded by replaying one CUDA graph per token (`decoding.greedy_decode`).
     """
+    from chattune.console import say
     from chattune.infer.generation import generate
+    from chattune.infer.predict import progress_line
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(samples)), key=lambda i: -sum(len(m["content"]) for m in samples[i].messages))
     answers: dict[int, str] = {}
+    t0 = time.monotonic()
     model = loaded.model
     was_training = model.training
     model.eval()
@@ -125,6 +131,8 @@ def predict_samples(loaded, samples: list[Sample], *, max_new_tokens: int, batch
             msgs = [samples[i].messages for i in chunk]
             outs = generate(loaded, msgs, max_new_tokens=max_new_tokens, temperature=0.0, cuda_graph=True)
             answers.update(zip(chunk, outs, strict=True))
+            if progress:  # `chattune eval` (the trainer's evaluations print their own line)
+                say(f"eval: {progress_line(len(answers), len(samples), t0)}")
     finally:
         model.train(was_training)
     return [

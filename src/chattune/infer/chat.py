@@ -70,7 +70,15 @@ def run_chat(
         except (EOFError, KeyboardInterrupt):
             say("")
             break
+        except (
+            UnicodeDecodeError
+        ):  # bytes that are not UTF-8 (a terminal in another encoding, a binary paste)
+            say("(that line is not valid UTF-8 text; type it again)")
+            continue
         text = line.strip()
+        if any("\ud800" <= c <= "\udfff" for c in text):  # stdin read with surrogateescape (a C locale)
+            say("(that line is not valid UTF-8 text; type it again)")
+            continue
         if not text:
             continue
         if text.startswith("/"):

@@ -14,10 +14,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from chattune.adapter import stop_ids
+from chattune.adapter import read_inference_info, stop_ids
 from chattune.console import say
 from chattune.errors import ChattuneError, ModelError
-from chattune.files import atomic_path, check_output_path
+from chattune.files import atomic_path, check_output_path, remove_stale_temporaries
 
 ARCHITECTURES = ("llama", "qwen2")  # transformers model_type == llama.cpp architecture name
 
@@ -80,7 +80,16 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
     arch = _read_architecture(src.base_dir)
     # Everything that can refuse the export is checked on the tokenizer, before the weights are loaded.
     tokenizer = load_source_tokenizer(src, for_generation=False)
-    from chattune.render.template import end_of_turn_token, template_default_system
+    from chattune.render.template import (
+        end_of_turn_token,
+        set_template_kwargs,
+        template_default_system,
+        template_with_kwargs,
+    )
+
+    info = read_inference_info(src.path)
+    kwargs = (info.template_kwargs if info is not None else None) or {}
+    set_template_kwargs(tokenizer, kwargs)  # the end of turn and Ollama's template as training rendered
 
     eot = src.end_of_turn_token or end_of_turn_token(tokenizer)
     eot_id = tokenizer.convert_tokens_to_ids(eot)
@@ -90,7 +99,7 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
         )
     pre = tokenizer_pre_name(tokenizer)
     system = src.system_prompt or None  # "" means the template's own default, as in chat and serve
-    template = template_with_system(tokenizer.chat_template, system)
+    template = template_with_kwargs(template_with_system(tokenizer.chat_template, system), kwargs)
     go_template = ollama_template(tokenizer)
 
     model = _load_model(src)
@@ -102,6 +111,8 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
         stops=list(dict.fromkeys(tokenizer.convert_ids_to_tokens(stops))),
         system=system or template_default_system(tokenizer),
     )
+    for stale in [*remove_stale_temporaries(out), *remove_stale_temporaries(modelfile)]:
+        say(f"note: removed {stale}, left by an export to {out} that did not finish")
     with atomic_path(out, suffix=".tmp") as tmp, atomic_path(modelfile, suffix=".tmp") as tmp_modelfile:
         _write_gguf(
             tmp,
@@ -206,7 +217,10 @@ def template_with_system(template: str, system: str | None) -> str:
 
 def ollama_template(tokenizer) -> str | None:
     """Ollama's Go template for this chat template, or None when it is not ChatML (then Ollama picks
-    one from the file's own template). ChatML is recognised by rendering a conversation with it."""
+    one from the file's own template). ChatML is recognised by rendering a conversation with it, with the
+    template arguments attached to the tokenizer (what the generation prompt adds after ChatML's is kept)."""
+    from chattune.render.template import template_kwargs
+
     msgs = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "U"},
@@ -215,10 +229,15 @@ def ollama_template(tokenizer) -> str | None:
     ]
     want = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
     try:
-        got = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        got = tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, **template_kwargs(tokenizer)
+        )
     except Exception:  # noqa: BLE001 - a template that cannot render this is not ChatML
         return None
-    return OLLAMA_CHATML if got == want + "<|im_start|>assistant\n" else None
+    head = want + "<|im_start|>assistant\n"
+    # Qwen3 with enable_thinking=False: ChatML whose generation prompt ends with an empty think block.
+    extra = got[len(head) :] if got.startswith(head) else "{{"
+    return None if "{{" in extra or '"""' in extra else OLLAMA_CHATML + extra
 
 
 def build_modelfile(gguf_name: str, go_template: str | None, *, stops: list[str], system: str | None) -> str:
@@ -248,14 +267,9 @@ def _load_model(src):
 
         model, _ = load_merged(src)
         return model.eval()
-    from transformers import AutoModelForCausalLM
+    from chattune.infer.load import load_model_dir
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(src.base_dir), dtype="auto", trust_remote_code=src.trust_remote_code
-        ).eval()
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the model from '{src.base_dir}': {e}") from None
+    return load_model_dir(src, "auto").eval()
 
 
 def llama_permute(w, n_head: int):

@@ -33,8 +33,15 @@ class Completion:
     completion_tokens: int
 
 
-def build_prompt(loaded: Loaded, messages: list[dict], system_prompt: str | None = None) -> str:
-    """The generation prompt: the stored system prompt unless the conversation has one, then the template."""
+def build_prompt(
+    loaded: Loaded,
+    messages: list[dict],
+    system_prompt: str | None = None,
+    template_kwargs: dict | None = None,
+) -> str:
+    """The generation prompt: the stored system prompt unless the conversation has one, then the template
+    with the training run's template arguments (attached to the tokenizer), updated by `template_kwargs`
+    (a request's `chat_template_kwargs`)."""
     from chattune.render.template import build_generation_prompt
 
     if not isinstance(messages, list) or not messages:
@@ -43,7 +50,7 @@ def build_prompt(loaded: Loaded, messages: list[dict], system_prompt: str | None
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ChattuneError(f"message {k} must be an object with string 'role' and 'content'")
     system = system_prompt if system_prompt is not None else loaded.system_prompt
-    return build_generation_prompt(loaded.tokenizer, messages, system)
+    return build_generation_prompt(loaded.tokenizer, messages, system, template_kwargs)
 
 
 def default_sampling(loaded: Loaded) -> tuple[float, float]:

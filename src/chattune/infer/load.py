@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from chattune.adapter import read_inference_info, stop_ids
+from chattune.adapter import (
+    ADAPTER_WEIGHTS,
+    check_adapter_weights,
+    check_model_weights,
+    read_adapter_config,
+    read_inference_info,
+    read_safetensors_header,
+    stop_ids,
+)
 from chattune.console import say
 from chattune.errors import ChattuneError, ModelError
 
@@ -65,16 +73,6 @@ class ModelSource:
 
 
 # -- finding the pieces -----------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object")
-    return data
-
-
 def _resolve_base(adapter_dir: Path, info: dict, adapter_cfg: dict) -> tuple[Path, str]:
     base_model = info.get("base_model") or adapter_cfg.get("base_model_name_or_path") or ""
     stored = info.get("base_model_path") or adapter_cfg.get("base_model_name_or_path") or ""
@@ -149,7 +147,7 @@ def read_model_source(path: str | Path, *, trust_remote_code: bool = False) -> M
     stored = read_inference_info(p)
     info = dataclasses.asdict(stored) if stored is not None else {}
     if (p / "adapter_config.json").is_file():
-        base_dir, base_model = _resolve_base(p, info, _read_json(p / "adapter_config.json"))
+        base_dir, base_model = _resolve_base(p, info, read_adapter_config(p))
         adapter_dir: Path | None = p
     elif (p / "config.json").is_file():
         base_dir, base_model, adapter_dir = p, info.get("base_model") or named or str(p), None
@@ -200,17 +198,78 @@ def _pick(device: str, dtype: str) -> tuple[str, torch.dtype]:
     return device, pick_dtype(name, device)
 
 
-def _load_base(src: ModelSource, device: str, dtype: torch.dtype):
+def load_model_dir(src: ModelSource, dtype: Any, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(src.base_dir)` after its safetensors headers are checked against
+    the files' sizes; a folder that does not load (weights that no longer fit `config.json`, a damaged
+    file) raises ModelError naming the folder instead of transformers' traceback."""
     from transformers import AutoModelForCausalLM
 
+    check_model_weights(src.base_dir)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(src.base_dir), dtype=dtype, trust_remote_code=src.trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AssertionError) as e:
+        # RuntimeError: a size mismatch (hidden_size edited, weights of another model); SafetensorError is one.
+        # AssertionError: torch's own check of a config that contradicts itself (pad_token_id >= vocab_size)
+        raise ModelError(
+            f"cannot load the model from '{src.base_dir}': {' '.join(str(e).split())[:300]}{_hint(e)}; re-download it or "
+            "point at another folder"
+        ) from None
+
+
+def check_adapter_fits(model, adapter_dir: Path) -> None:
+    """Compare every LoRA tensor of `adapter_dir` with the base `model`'s module it applies to, from the
+    safetensors header alone: the module exists, `lora_A` is (r, in_features), `lora_B` (out_features, r).
+
+    Raises ModelError naming the tensor before peft copies any weight (peft's own error is a size-mismatch
+    traceback, or a silent skip of a tensor naming no module)."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    modules = dict(model.named_modules())
+    ranks: dict[str, int] = {}
+    for name, (_, shape) in read_safetensors_header(path).items():
+        stem, dot, part = name.rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight"):
+            continue
+        module = stem.removeprefix("base_model.model.")
+        target = modules.get(module)
+        if target is None:
+            raise ModelError(
+                f"{path}: tensor '{name[:100]}' is for module '{module[:80]}', which the base model does not "
+                "have: the adapter was trained on another model; check its base model"
+            )
+        if len(shape) != 2:
+            raise ModelError(f"{path}: tensor '{name[:100]}' has shape {shape}; LoRA factors are matrices")
+        want = getattr(target, "in_features" if part == "A.weight" else "out_features", None)
+        got = shape[1] if part == "A.weight" else shape[0]
+        rank = shape[0] if part == "A.weight" else shape[1]
+        if (want is not None and got != want) or ranks.setdefault(module, rank) != rank:
+            raise ModelError(
+                f"{path}: tensor '{name[:100]}' has shape {shape}, which does not fit the base model's "
+                f"'{module[:80]}' ({type(target).__name__}, in {getattr(target, 'in_features', '?')}, "
+                f"out {getattr(target, 'out_features', '?')}): the adapter was trained on another model"
+            )
+
+
+def attach_adapter(model, adapter_dir: Path, **kwargs):
+    """`PeftModel.from_pretrained(model, adapter_dir)` once `check_adapter_fits` has passed; what peft still
+    refuses (target_modules naming nothing in the model, a config it cannot build) becomes ModelError."""
+    from peft import PeftModel
+
+    check_adapter_fits(model, adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), **kwargs)
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
+        raise ModelError(
+            f"cannot apply the adapter '{adapter_dir}' to its base model: {' '.join(str(e).split())[:300]}; the adapter was "
+            "trained for another model, or re-download or retrain it"
+        ) from None
+
+
+def _load_base(src: ModelSource, device: str, dtype: torch.dtype):
     # On a GPU, device_map loads the weights straight there instead of through a full copy in CPU memory.
     on_gpu = {"device_map": device} if device.startswith("cuda") else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(src.base_dir), dtype=dtype, trust_remote_code=src.trust_remote_code, **on_gpu
-        )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}{_hint(e)}") from None
+    model = load_model_dir(src, dtype, **on_gpu)
     return model if on_gpu else model.to(device)
 
 
@@ -236,12 +295,45 @@ def load_source_tokenizer(src: ModelSource, *, for_generation: bool = True):
         raise ModelError(f"cannot load a tokenizer from '{tok_dir or src.base_dir}': {e}{_hint(e)}") from None
     if not tok.chat_template:
         raise ModelError(f"the tokenizer in '{tok_dir or src.base_dir}' has no chat template")
+    check_template_renders(tok, tok_dir or src.base_dir)
     if not for_generation:  # as saved, for copying into a merged model
         return tok
     tok.padding_side = "left"  # generation appends on the right, so pads must sit on the left
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_template_renders(tokenizer, where: Path) -> None:
+    """Render the folder's chat template once on a plain conversation, in a guarded call: a template that
+    calls `raise_exception`, trips the Jinja sandbox (SecurityError) or is broken raises ModelError naming
+    the folder now, not a traceback at the first request. transformers renders in its sandbox."""
+    from jinja2 import TemplateError
+
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q"},
+    ]
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # SecurityError and raise_exception's error are TemplateErrors
+        if "system" in str(e).lower():  # templates that take no system message (Gemma): try without one
+            try:
+                tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
+                return
+            except Exception:  # noqa: BLE001 - reported below with the first error
+                pass
+        raise ModelError(
+            f"the chat template in '{where}' fails on a plain conversation ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); restore the folder's tokenizer_config.json / chat_template.jinja"
+        ) from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as e:
+        raise ModelError(
+            f"the chat template in '{where}' fails on a plain conversation ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); restore the folder's tokenizer_config.json / chat_template.jinja"
+        ) from None
 
 
 def _max_context(model, tokenizer) -> int | None:
@@ -273,13 +365,13 @@ def load_for_inference(
 
     `trust_remote_code`: the user's own flag; nothing in the folder can turn it on.
     """
-    from peft import PeftModel
-
     src = read_model_source(path, trust_remote_code=trust_remote_code)
     device, torch_dtype = _pick(device, dtype)
+    if src.adapter_dir is not None:
+        check_adapter_weights(src.adapter_dir)  # before minutes of loading the base
     model = _load_base(src, device, torch_dtype)
     if src.adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(src.adapter_dir))
+        model = attach_adapter(model, src.adapter_dir)
     model.eval()
     return _finish_loading(src, model, load_source_tokenizer(src), src.name, None)
 
@@ -291,9 +383,10 @@ def load_many_for_inference(
 
     Each adapter is loaded into the shared PeftModel under its name; `generate` switches to it first.
     """
-    from peft import PeftModel
-
     sources = [read_model_source(p, trust_remote_code=trust_remote_code) for p in paths]
+    for src in sources:
+        if src.adapter_dir is not None:
+            check_adapter_weights(src.adapter_dir)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ChattuneError(f"two models would be served under the same name: {names}; give distinct folders")
@@ -307,10 +400,14 @@ def load_many_for_inference(
             continue
         if src.base_dir not in shared:
             base = _load_base(src, device, torch_dtype)
-            shared[src.base_dir] = PeftModel.from_pretrained(
-                base, str(src.adapter_dir), adapter_name=name
-            ).eval()
+            shared[src.base_dir] = attach_adapter(base, src.adapter_dir, adapter_name=name).eval()
         else:
-            shared[src.base_dir].load_adapter(str(src.adapter_dir), adapter_name=name)
+            check_adapter_fits(shared[src.base_dir].get_base_model(), src.adapter_dir)
+            try:
+                shared[src.base_dir].load_adapter(str(src.adapter_dir), adapter_name=name)
+            except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:
+                raise ModelError(
+                    f"cannot apply the adapter '{src.adapter_dir}': {' '.join(str(e).split())[:300]}"
+                ) from None
         out.append(_finish_loading(src, shared[src.base_dir], load_source_tokenizer(src), name, name))
     return out

@@ -11,10 +11,16 @@ import shutil
 import warnings
 from pathlib import Path
 
-from chattune.adapter import InferenceInfo, read_inference_info, stop_ids, write_inference_info
+from chattune.adapter import (
+    InferenceInfo,
+    check_adapter_weights,
+    read_inference_info,
+    stop_ids,
+    write_inference_info,
+)
 from chattune.console import say
-from chattune.errors import ChattuneError, ModelError
-from chattune.files import atomic_path
+from chattune.errors import ChattuneError
+from chattune.files import atomic_path, check_output_path, remove_stale_temporaries
 
 
 def _untie_embeddings(model) -> bool:
@@ -61,24 +67,16 @@ def load_merged(src, dtype: str | None = None):
     saved. `src` is a `ModelSource` with an adapter; `dtype` (bfloat16 / float16 / float32) defaults to the
     base checkpoint's own. Shared by `merge_adapter` and `export` (GGUF)."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from chattune.infer.load import load_source_tokenizer
+    from chattune.infer.load import attach_adapter, load_model_dir, load_source_tokenizer
 
-    try:  # on the CPU: merging needs no GPU, and a 7B model fits in RAM where it may not fit beside a job
-        base = AutoModelForCausalLM.from_pretrained(
-            str(src.base_dir),
-            dtype=getattr(torch, dtype) if dtype else "auto",
-            trust_remote_code=src.trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in str(e) else ""
-        raise ModelError(f"cannot load the base model from '{src.base_dir}': {e}{hint}") from None
+    check_adapter_weights(src.adapter_dir)  # before the base model's minutes of loading
+    # On the CPU: merging needs no GPU, and a 7B model fits in RAM where it may not fit beside a job.
+    base = load_model_dir(src, getattr(torch, dtype) if dtype else "auto")
     was_tied = _untie_embeddings(base)
     with warnings.catch_warnings():  # peft warns that the embeddings we just untied are no longer tied
         warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
-        model = PeftModel.from_pretrained(base, str(src.adapter_dir)).merge_and_unload()
+        model = attach_adapter(base, src.adapter_dir).merge_and_unload()
     _settle_tie(model, was_tied)
     tokenizer = load_source_tokenizer(src, for_generation=False)
     return model, tokenizer
@@ -103,7 +101,7 @@ def merge_adapter(
     src = read_model_source(adapter_dir, trust_remote_code=trust_remote_code)
     if src.adapter_dir is None:
         raise ChattuneError(f"'{adapter_dir}' is a model directory, not an adapter folder: nothing to merge")
-    out = Path(output_dir).expanduser()
+    out = check_output_path(output_dir, "--output", directory=True)  # not below a file, writable
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ChattuneError(f"output directory '{out}' already exists and is not empty; choose a new one")
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -112,6 +110,8 @@ def merge_adapter(
         raise ChattuneError(f"dtype '{dtype}': use bfloat16, float16 or float32 (or leave it unset)")
 
     model, tokenizer = load_merged(src, dtype)
+    for stale in remove_stale_temporaries(out):
+        say(f"note: removed {stale}, left by a merge into {out} that did not finish")
 
     # Tools that only read generation_config.json (plain `generate`, vLLM, TGI) must stop at the end of
     # the assistant turn, not run on into a made-up next turn.

@@ -57,6 +57,15 @@ def read_prompts(
     return rows
 
 
+def progress_line(done: int, total: int, t0: float) -> str:
+    """ "12/40 answered (30 s, 0.40/s, about 70 s left)": work done, elapsed since `t0` (time.monotonic),
+    rate and estimated time left at that rate."""
+    elapsed = time.monotonic() - t0
+    rate = done / elapsed if elapsed > 0 else 0.0
+    left = f", about {(total - done) / rate:.0f} s left" if rate and done < total else ""
+    return f"{done}/{total} answered ({elapsed:.0f} s, {rate:.2f}/s{left})"
+
+
 def predict_file(
     loaded: Loaded,
     input_path: str | Path,
@@ -91,7 +100,7 @@ def predict_file(
         for i, text in zip(chunk, generate(loaded, [rows[i][0] for i in chunk], **kw), strict=True):
             answers[i] = text
         if progress:  # CPU generation of a few hundred answers takes minutes: show that it moves
-            say(f"predict: {len(answers)}/{len(rows)} answered ({time.monotonic() - t0:.0f} s)")
+            say(f"predict: {progress_line(len(answers), len(rows), t0)}")
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, (msgs, ref) in enumerate(rows):
             prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")

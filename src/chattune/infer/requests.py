@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from typing import Any, Literal
 
 from fastapi import Request
@@ -48,6 +49,7 @@ class APIError(Exception):
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning, as vLLM and SGLang return it
 
 
 class ChatRequest(BaseModel):
@@ -68,6 +70,9 @@ class ChatRequest(BaseModel):
     # plain answer that silently lacks them.
     tools: list[dict[str, Any]] | None = None
     logprobs: bool | None = None
+    # vLLM's / SGLang's extension: arguments for the chat template (e.g. {"enable_thinking": false}),
+    # over those the adapter was trained with.
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = None
 
 
 def message_text(m: ChatMessage, k: int) -> str:
@@ -81,6 +86,20 @@ def message_text(m: ChatMessage, k: int) -> str:
     return "".join(parts)
 
 
+def answer_message(text: str) -> dict[str, str]:
+    """The assistant message of a completion: a leading `<think>...</think>` block (Qwen3, DeepSeek-R1)
+    returned as `reasoning_content` beside the answer, as vLLM's and SGLang's reasoning parsers do."""
+    head = text.lstrip()
+    if head.startswith("<think>") and "</think>" in head:
+        reasoning, answer = head[len("<think>") :].split("</think>", 1)
+        return {
+            "role": "assistant",
+            "content": answer.lstrip("\n"),
+            "reasoning_content": reasoning.strip("\n"),
+        }
+    return {"role": "assistant", "content": text}
+
+
 # -- the app --------------------------------------------------------------------------------------------
 def check_api_key(request: Request, api_key: str | None) -> None:
     if api_key is None:
@@ -92,6 +111,28 @@ def check_api_key(request: Request, api_key: str | None) -> None:
         )
 
 
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The dotted place of the first string (key or value) in `value` holding a lone surrogate, or None."""
+    stack = [(value, where)]
+    while stack:  # not recursive: json.loads has already bounded the depth, but a deep body costs no stack
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return where
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                place = f"{where}.{k}" if where else str(k)
+                if _SURROGATE.search(k):
+                    return where or "request"
+                stack.append((v, place))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}.{i}") for i, v in enumerate(value))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_request(body: bytes) -> ChatRequest:
     try:
         data = json.loads(body)
@@ -101,6 +142,11 @@ def parse_request(body: bytes) -> ChatRequest:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object with 'model' and 'messages'")
+    where = _lone_surrogate(data, "")
+    if where is not None:  # legal JSON ("\\ud800"), but no text: the tokenizer and the response encoder fail
+        raise APIError(
+            400, f"{where or 'request'}: holds a lone UTF-16 surrogate, not a character", param=where
+        )
     try:
         return ChatRequest.model_validate(data)
     except ValidationError as e:
@@ -143,10 +189,11 @@ def prepare_request(
         raise APIError(400, "logprobs are not supported by chattune serve", param="logprobs")
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, k)}
+        | ({"reasoning_content": m.reasoning_content} if m.reasoning_content is not None else {})
         for k, m in enumerate(req.messages)
     ]
     try:
-        prompt = build_prompt(loaded, messages)
+        prompt = build_prompt(loaded, messages, template_kwargs=req.chat_template_kwargs)
     except (ChattuneError, ValueError, TemplateError) as e:  # the template refuses it (e.g. role order)
         raise APIError(400, f"messages: {str(e)[:300]}", param="messages") from None
     prompt_tokens = count_tokens(loaded, prompt)

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from chattune.console import say
 from chattune.errors import ChattuneError
@@ -191,11 +192,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # it left (a short body, a bad chunk, a closed connection): nothing to answer
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logger.info("%s left before its request body was read whole (%d bytes received)", client, size)
+        raise APIError(499, "the client closed the request") from None
     return b"".join(chunks)
 
 

@@ -1,5 +1,5 @@
 """The model stage: id -> local directory (`resolve`, `builtin`, `gguf`), `load`, LoRA (`lora`), attention for
-packed batches (`attention`) and the training loss (`loss`).
+packed batches (`attention`), the training loss (`loss`) and FP8 base matmuls (`fp8`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ _EXPORTS = {
     "register_attention": "chattune.model.attention",
     "pick_attn_implementation": "chattune.model.attention",
     "lm_loss_sum": "chattune.model.loss",
+    "convert_to_fp8": "chattune.model.fp8",
+    "check_fp8_device": "chattune.model.fp8",
 }
 __all__ = list(_EXPORTS)
 

@@ -18,6 +18,7 @@ from typing import Any
 from chattune.errors import DataError
 from chattune.files import atomic_path
 from chattune.render.examples import DROP_REASON, RenderReport, render_many
+from chattune.render.template import template_kwargs
 
 IGNORE_INDEX = -100
 
@@ -134,7 +135,13 @@ def render_all(
     msgs = [c.messages for c in conversations]
     key, hit = None, None
     if cache:
-        parts = [_tokenizer_fingerprint(tokenizer), str(tokenizer.chat_template), opts, _code_version()]
+        parts = [
+            _tokenizer_fingerprint(tokenizer),
+            str(tokenizer.chat_template),
+            template_kwargs(tokenizer),
+            opts,
+            _code_version(),
+        ]
         key = cache_key(parts, msgs)
         hit = load_examples(key)
     if hit is not None:
@@ -187,8 +194,12 @@ def render_all(
 
 
 def _code_version() -> str:
-    """This file's hash: a cache made by different rendering code is never reused."""
+    """The hash of the rendering and labelling code (this file, template.py, examples.py): a cache made by
+    different code is never reused."""
     import hashlib
     from pathlib import Path
 
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name in ("cache.py", "template.py", "examples.py"):
+        h.update(Path(__file__).with_name(name).read_bytes())
+    return h.hexdigest()[:16]

@@ -9,20 +9,30 @@ import json
 from pathlib import Path
 
 from chattune.render.examples import encode, label_ids
-from chattune.render.template import TemplateError, label_spans, template_facts
+from chattune.render.template import (
+    TemplateError,
+    label_spans,
+    layout,
+    template_facts,
+    template_kwargs,
+)
 
 
 def check_parity(tokenizer, conversations, *, sample: int = 32, train_on: str = "all_assistant") -> None:
     """Pre-flight: for a sample spread over the data, the training path must give the ids of
-    `tokenizer.apply_chat_template`, labels equal to those found prefix by prefix, and every trained
-    assistant turn its end-of-turn token labeled. Refuse to train otherwise."""
+    `tokenizer.apply_chat_template(messages, **data.template_kwargs)`, labels equal to those found from
+    this conversation's own whole-conversation rendering (no cached shape) and, where the template renders
+    prefix by prefix (Qwen2.5, SmolLM2, ERNIE), equal to those found prefix by prefix too; and every
+    trained assistant turn its end-of-turn token labeled. Refuse to train otherwise."""
     facts = template_facts(tokenizer)
     step = max(1, len(conversations) // max(sample, 1))
     picked = conversations[::step][:sample]
     for conv, out in zip(
         picked, encode(tokenizer, [c.messages for c in picked], train_on=train_on), strict=True
     ):
-        ref = tokenizer.apply_chat_template(conv.messages, tokenize=True, return_dict=True)["input_ids"]
+        ref = tokenizer.apply_chat_template(
+            conv.messages, tokenize=True, return_dict=True, **template_kwargs(tokenizer)
+        )["input_ids"]
         if list(ref) != out.input_ids:
             k = next(
                 (i for i, (a, b) in enumerate(zip(ref, out.input_ids, strict=False)) if a != b),
@@ -32,13 +42,22 @@ def check_parity(tokenizer, conversations, *, sample: int = 32, train_on: str = 
                 f"{conv.where}: rendered ids differ from tokenizer.apply_chat_template's from token {k} "
                 f"({tokenizer.decode(out.input_ids[k : k + 8])!r} vs {tokenizer.decode(list(ref)[k : k + 8])!r})"
             )
-        text, spans = label_spans(tokenizer, conv.messages, eot=facts.eot)  # the independent, slow way
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        want = label_ids(
-            enc["input_ids"], enc["offset_mapping"], spans[-1:] if train_on == "last_assistant" else spans
-        )
-        if want != out.labels:
-            raise TemplateError(f"{conv.where}: assistant labels differ from those found prefix by prefix")
+        ways = [lambda m: layout(tokenizer, m, cached=False)]  # the independent, slower ways
+        ways.append(lambda m: label_spans(tokenizer, m, eot=facts.eot))
+        for k, way in enumerate(ways):
+            try:
+                text, spans = way(conv.messages)
+            except TemplateError:
+                if k == 0:
+                    raise
+                continue  # a template that renders history differently has no prefix-by-prefix labels
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            want = label_ids(
+                enc["input_ids"], enc["offset_mapping"], spans[-1:] if train_on == "last_assistant" else spans
+            )
+            if want != out.labels:
+                how = ("from its own rendering", "prefix by prefix")[k]
+                raise TemplateError(f"{conv.where}: assistant labels differ from those found {how}")
         n_turns = 1 if train_on == "last_assistant" else sum(m["role"] == "assistant" for m in conv.messages)
         if sum(1 for label in out.labels if label == facts.eot_id) < n_turns:
             raise TemplateError(
@@ -65,8 +84,6 @@ def _answer_joins_template(tokenizer, messages: list[dict], train_on: str) -> bo
     """Does a trained answer's first token start inside the template text before it (e.g. ' 家' after
     'Assistant:')? Such a token is trained (it carries the answer), but generation sees another one."""
     from bisect import bisect_right
-
-    from chattune.render.template import layout
 
     text, spans = layout(tokenizer, messages)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

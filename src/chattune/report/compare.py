@@ -220,6 +220,19 @@ def _tag_order(tag: str) -> tuple[int, float, str]:
     return (1 if m and m.group(1) == "epoch" else 2, float(m.group(2)) if m else math.inf, tag)
 
 
+def _kept_table(runs: list[_Compared]) -> Table | None:
+    """One row per run and benchmark: before, after, change (eval.benchmarks); None when no run has one."""
+    from chattune.evaluate.benchmarks import knowledge_kept
+
+    rows = []
+    for r in runs:
+        for k in knowledge_kept(r.run.eval_rows):
+            b, a = k["before"], k["after"]
+            change = f"{a - b:+.4g}" if is_number(a) and is_number(b) else ""
+            rows.append([r.label, k["key"], fmt_value(b), fmt_value(a), change])
+    return Table(["run", "benchmark", "before", "after", "change"], rows) if rows else None
+
+
 def _metric_blocks(runs: list[_Compared]) -> list[Block]:
     keys: dict[str, None] = {}
     tags: dict[str, None] = {}
@@ -227,7 +240,8 @@ def _metric_blocks(runs: list[_Compared]) -> list[Block]:
         for row in r.run.eval_rows:
             tags[row["tag"]] = None
             keys.update((k, None) for k in row if k.startswith("eval/") and is_number(row[k]))
-    if not keys:
+    kept = _kept_table(runs)
+    if not keys and kept is None:
         return [Text(NOT_RECORDED)]
     ordered = sorted(tags, key=_tag_order)
 
@@ -253,6 +267,8 @@ def _metric_blocks(runs: list[_Compared]) -> list[Block]:
             Text("Eval loss (per token, held-out split) at each evaluation; baseline = before training."),
             Table(["eval loss", *ordered, "final − baseline"], rows),
         ]
+    if kept is not None:
+        blocks += [Text("Knowledge kept: benchmark accuracy (0..100) before training and after."), kept]
     scores = [k for k in keys if k != "eval/loss"]
     if scores:  # each run's evaluations stacked, then its change: the metrics as columns
         rows = []

@@ -66,8 +66,10 @@ def _build_sections(run: RunRecord, max_predictions: int) -> list[tuple[str, lis
         if run.config_text is not None
         else Text(NOT_RECORDED)
     ]
-    sections = [
-        ("Result", _result_blocks(run)),
+    kept = _kept_blocks(run)
+    sections = [("Result", _result_blocks(run))]  # the result leads
+    sections += [("Knowledge kept", kept)] if kept else []
+    sections += [
         ("Predictions", _prediction_blocks(run, max_predictions)),
         ("Curves", [Figure(key, _plot_curve(key, _curve_points(run, key))) for key in CURVES]),
         ("Metrics", _metrics_blocks(run)),
@@ -77,6 +79,40 @@ def _build_sections(run: RunRecord, max_predictions: int) -> list[tuple[str, lis
         sections.append(("Notes", [Text(note) for note in run.notes]))
     sections.append(("Config", config))
     return sections
+
+
+def _kept_blocks(run: RunRecord) -> list[Block]:
+    """Benchmark accuracy before -> after (eval.benchmarks), beside the task metrics that moved."""
+    from chattune.evaluate.benchmarks import knowledge_kept
+
+    kept = knowledge_kept(run.eval_rows)
+    if not kept:
+        return []
+    rows = [
+        [k["key"], fmt_value(k["before"]), fmt_value(k["after"]), _delta(k["before"], k["after"])]
+        for k in kept
+    ]
+    base = next((r for r in run.eval_rows if r["tag"] == BASELINE_TAG), None)
+    final = last_non_baseline(run.eval_rows)
+    for key in _metric_keys(run) if base and final else []:
+        b, a = base.get(key), final.get(key)
+        rows.append([f"task: {key}", fmt_value(b), fmt_value(a), _delta(b, a)])
+    said = [
+        f"knowledge kept: {k['key']} {fmt_value(k['before'])} -> {fmt_value(k['after'])} "
+        f"({_delta(k['before'], k['after'])})"
+        for k in kept
+    ]
+    return [
+        Text(
+            "; ".join(said)
+            + ". Benchmark accuracy is 0..100; before = baseline, after = the last evaluation."
+        ),
+        Table(["", "before", "after", "change"], rows),
+    ]
+
+
+def _delta(before: Any, after: Any) -> str:
+    return f"{after - before:+.4g}" if is_number(before) and is_number(after) else NOT_RECORDED
 
 
 def _result_blocks(run: RunRecord) -> list[Block]:

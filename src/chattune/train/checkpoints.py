@@ -26,6 +26,7 @@ from chattune.config.schema import Config
 from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
 from chattune.files import atomic_path
+from chattune.train.checkpoint_checks import check_moments, check_state
 from chattune.train.save import AdapterFacts, write_adapter
 from chattune.train.world import World, gather_trainable
 
@@ -151,9 +152,12 @@ def _read_state(folder: Path) -> dict:
             ) from None
         raise ValueError(f"state.pt is damaged ({e})") from None
     except Exception as e:  # truncated or empty file: torch raises several kinds
-        raise ValueError(f"state.pt is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+        raise ValueError(
+            f"state.pt is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        ) from None
     if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
         raise ValueError("state.pt lacks the optimizer, scheduler or step")
+    check_state(folder, state)
     # LoRA: the adapter's weights; full fine-tuning: the model directory's (one file or shards).
     files = sorted((folder / "adapter").glob("*.safetensors"))
     if not files:
@@ -358,9 +362,19 @@ class Checkpointer:
                 self.model, self.optimizer, optim_state_dict=state["optimizer"], options=whole
             )
         else:
-            load_trained_weights(self.model, folder / "adapter")  # the adapter, or a full fine-tune's weights
+            try:
+                load_trained_weights(self.model, folder / "adapter")  # the adapter, or a full fine-tune's
+            except (RuntimeError, ValueError, KeyError) as e:  # peft's size mismatch, a damaged tensor
+                raise ChattuneError(
+                    f"--resume: {folder}/adapter does not fit this model ({' '.join(str(e).split())[:200]}): delete that "
+                    "checkpoint folder and run with --resume again"
+                ) from None
+            check_moments(folder, self.optimizer, state["optimizer"])
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise ChattuneError(f"--resume: {folder}/state.pt's scheduler state is damaged ({e})") from None
 
     def _apply_schedule(self, lr: float, total_steps: int) -> None:
         """The next step's learning rate under this run's plan (`train.lr`, and the schedule over this run's

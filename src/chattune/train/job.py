@@ -26,6 +26,7 @@ from chattune.config.schema import Config
 from chattune.console import say_once
 from chattune.data import read_splits
 from chattune.errors import ConfigError
+from chattune.evaluate.benchmarks import read_benchmark_configs
 from chattune.evaluate.judge import build_samples, read_samples
 from chattune.evaluate.metrics import default_metrics, require_metric_packages
 from chattune.model.load import load_model, load_tokenizer, pick_device, pick_dtype
@@ -33,6 +34,7 @@ from chattune.model.lora import add_lora, initial_adapter_state, training_model_
 from chattune.model.resolve import resolve_model_dir
 from chattune.render.cache import render_all
 from chattune.render.preflight import preflight, require_examples
+from chattune.render.template import set_template_kwargs
 from chattune.train import decide
 from chattune.train.checkpoints import find_resume_point, fingerprint_examples
 from chattune.train.compiling import compile_layers, doc_bound, start_compile_workers, use_compile_cache
@@ -69,7 +71,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     optim = build_optim(cfg, built, plan.total_steps, world)
     # Everything the user gave has been checked by now: only from here on is anything written.
     opened = open_run_dir(cfg, data, built, optim, strategy, plan, world, resume)
-    evaluate = build_evaluation(cfg, data, built, strategy, opened, world)
+    evaluate = build_evaluation(cfg, data, built, strategy, opened, world, plan.total_steps)
     say_once(describe(cfg, built, plan, world))
     if opened.done.step == 0:
         evaluate(0, 0.0, "baseline")
@@ -122,6 +124,10 @@ def check_run(cfg: Config, resume: bool) -> World:
             "process, so each weight is whole on this GPU; start it with torchrun --nproc-per-node N to shard"
         )
     check_run_dir_unused(Path(tc.output_dir), resume)
+    if tc.precision == "fp8":  # the GPU's FP8 tensor cores, before the data reads and the model loads
+        from chattune.model.fp8 import check_fp8_device
+
+        check_fp8_device(tc.device)
     return world
 
 
@@ -134,6 +140,7 @@ def read_and_render(cfg: Config, world: World) -> TrainingData:
     dc = cfg.data
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model)
+    set_template_kwargs(tokenizer, dc.template_kwargs)  # every rendering below and in sample answers
     train_convs, eval_convs, read_report, eval_read = read_splits(dc, cfg.train.seed)
     # Pre-flight: refuse to train on ids that differ from the template's or an untrained end of turn.
     for warning in preflight(tokenizer, train_convs, model_dir=model_dir, train_on=dc.train_on):
@@ -169,9 +176,11 @@ def read_and_render(cfg: Config, world: World) -> TrainingData:
         f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
         f"{f' {dict(dropped)}' if dropped else ''}"
     )
+    benchmarks = read_benchmark_configs(cfg.eval.benchmarks)  # a bad file stops the run here, not later
     return TrainingData(
-        model_dir, tokenizer, train_ex, eval_ex, samples, read_report, eval_read, train_report, eval_report
-    )
+        model_dir, tokenizer, train_ex, eval_ex, samples, read_report, eval_read, train_report, eval_report,
+        benchmarks,
+    )  # fmt: skip
 
 
 def plan_steps(cfg: Config, data: TrainingData, resume: bool, sharded: bool, is_main: bool) -> Plan:
@@ -242,6 +251,10 @@ def build_model(cfg: Config, model_dir: Path, world: World, sharded: bool) -> Mo
     else:
         model.requires_grad_(True)  # full fine-tuning: every weight trains
     initial_lora = initial_adapter_state(model, cfg.lora)  # PiSSA/OLoRA: to save a plain LoRA at the end
+    if tc.precision == "fp8":  # frozen base linears to e4m3 once, before compilation sees the layers
+        from chattune.model.fp8 import convert_to_fp8
+
+        convert_to_fp8(decoder_layers(model))
     # The largest micro-batch in tokens: what activation memory scales with.
     micro_tokens = tc.pack_tokens if tc.packing else tc.micro_batch_size * dc.max_len
     use_ckpt = decide.use_checkpointing(
@@ -344,6 +357,7 @@ def build_evaluation(
     strategy: Strategy,
     opened: RunDir,
     world: World,
+    total_steps: int,
 ) -> Evaluation:
     """Evaluation as the loop calls it (`loop.Evaluation`): rank 0, or every rank of sharded weights."""
     from chattune.infer.load import Loaded
@@ -369,6 +383,8 @@ def build_evaluation(
         takes_part=world.is_main or strategy.sharded,
         device=world.device,
         compiled=built.use_compile,
+        benchmarks=data.benchmarks,
+        total_steps=total_steps,
     )
 
 
@@ -379,7 +395,8 @@ def describe(cfg: Config, built: ModelSetup, plan: Plan, world: World) -> str:
     return (
         f"model: {cfg.model.name_or_path} on {device} ({next(built.model.parameters()).dtype}, "
         f"attention {built.attn}, checkpointing {'on' if built.use_ckpt else 'off'}, compiled layers "
-        f"{'on' if built.use_compile else 'off'}{', memory mode (offload)' if built.offload else ''}); "
+        f"{'on' if built.use_compile else 'off'}{', memory mode (offload)' if built.offload else ''}"
+        f"{', fp8 base matmuls' if tc.precision == 'fp8' else ''}); "
         f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'} trains {built.n_trainable:,} of "
         f"{built.n_total:,} parameters; {plan.total_steps} optimizer steps over {plan.n_epochs} epoch(s)"
         + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")

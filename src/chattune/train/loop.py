@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from chattune.config.schema import EvalConfig, TrainConfig
 from chattune.console import say, say_once
 from chattune.errors import ChattuneError
+from chattune.evaluate.benchmarks import benchmarks_due, score_benchmarks
 from chattune.evaluate.judge import eval_loss, predict_samples, score_predictions
 from chattune.track import Tracker
 from chattune.train.checkpoints import Progress
@@ -165,6 +166,8 @@ class Evaluation:
     takes_part: bool  # rank 0, or every rank of sharded weights
     device: str
     compiled: bool
+    benchmarks: list = ()  # (BenchmarkConfig, Benchmark): before training, at the end, per epoch if asked
+    total_steps: int = 0  # the run's last step: its epoch-end evaluation scores every benchmark
 
     def __call__(self, step: int, epoch: float, tag: str) -> None:
         import torch
@@ -173,7 +176,8 @@ class Evaluation:
 
         if not self.takes_part:
             return
-        if not ((self.cfg.loss and self.eval_ex) or self.samples):  # evaluation is off: nothing to say either
+        due = benchmarks_due(self.benchmarks, tag, step, self.total_steps)
+        if not ((self.cfg.loss and self.eval_ex) or self.samples or due):  # nothing to evaluate now
             return
         # Forked generators: whatever evaluation draws, training draws the same dropout masks with or
         # without it, so a resumed run (which skips the evaluation of its checkpoint's step) stays exact.
@@ -181,9 +185,9 @@ class Evaluation:
         d = self.device
         rng = torch.random.fork_rng(devices=[torch.cuda.current_device()] if d == "cuda" else [])
         with rng, embeddings_on_device(self.model), eager() if self.compiled else contextlib.nullcontext():
-            self._evaluate(step, epoch, tag)
+            self._evaluate(step, epoch, tag, due)
 
-    def _evaluate(self, step: int, epoch: float, tag: str) -> None:
+    def _evaluate(self, step: int, epoch: float, tag: str, due: list) -> None:
         row: dict = {"epoch": epoch, "tag": tag}
         if self.cfg.loss and self.eval_ex:
             row["eval/loss"] = eval_loss(self.model, self.eval_ex, self.pad_id, self.cfg.batch_size)
@@ -198,6 +202,8 @@ class Evaluation:
             row.update({f"eval/{k}": v for k, v in score_predictions(preds, self.metric_names).items()})
             for r in preds[:2]:
                 say_once(f"  [{tag}] Q: {r['prompt'][:60]!r}\n  [{tag}] A: {r['prediction'][:80]!r}")
+        if due:
+            row.update(score_benchmarks(self.loaded, due, batch_size=self.cfg.batch_size))
         self.tracker.log(row, step=step)
         self.history.append({"step": step, **row})
         say_once(format_eval_line(tag, step, epoch, row))
@@ -210,7 +216,9 @@ def format_eval_line(tag: str, step: int, epoch: float, row: dict) -> str:
       loss    bleu4  rougeL
       2.7001  12.50  30.12
     """
-    cells = [(k.removeprefix("eval/"), f"{v:.4f}") for k, v in row.items() if k.startswith("eval/")]
+    cells = [
+        (k.removeprefix("eval/"), f"{v:.4f}") for k, v in row.items() if k.startswith(("eval/", "bench/"))
+    ]
     widths = [max(len(k), len(v)) for k, v in cells]
     names = "  ".join(k.ljust(w) for (k, _), w in zip(cells, widths, strict=True))
     values = "  ".join(v.ljust(w) for (_, v), w in zip(cells, widths, strict=True))

@@ -6,7 +6,7 @@ beyond `Plan.windows`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,8 @@ class TrainingData:
     eval_read: ReadReport | None  # data.ReadReport of data.eval_path, or None
     train_report: RenderReport  # render.RenderReport: truncated, dropped
     eval_report: RenderReport
+    # (BenchmarkConfig, Benchmark) of each eval.benchmarks entry, read before the run directory exists
+    benchmarks: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +22,7 @@ from chattune.adapter import stop_ids
 from chattune.config.load import config_to_dict, dump_config
 from chattune.config.schema import Config
 from chattune.console import say_once
-from chattune.files import file_sha256
+from chattune.files import file_sha256, write_text_atomic
 from chattune.render.template import end_of_turn_token
 from chattune.track import Tracker, build_tracker
 from chattune.train.checkpoints import Checkpointer, tidy_run_dir
@@ -80,8 +85,9 @@ def open_run_dir(
         hparams = {**config_to_dict(cfg), "model_dir": str(data.model_dir), "dataset": data_info}
         hparams["params"] = {"trainable": built.n_trainable, "total": built.n_total}
         # The first write: a tracker asked for that cannot start stops the run here and leaves nothing.
-        tracker = build_tracker(cfg.track, out_dir, hparams)
+        tracker = build_tracker(cfg.track, out_dir, hparams, resume=resume)
         (out_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        write_run_state(out_dir, "running")
     return RunDir(facts, ckpt, done, done.progress.history, tracker, data_info)
 
 
@@ -131,7 +137,9 @@ def save(
     if world.size > 1:
         summary["distributed"] = {"processes": world.size, "mode": cfg.train.distributed}
     (out_dir / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    opened.tracker.log_summary(summary, step=trained.step)
     opened.tracker.finish()
+    write_run_state(out_dir, "finished")
     try:
         from chattune.report.run_report import write_report
 
@@ -150,6 +158,9 @@ class _SilentTracker:
         pass
 
     def log_predictions(self, rows: list[dict], step: int, tag: str) -> None:
+        pass
+
+    def log_summary(self, summary: dict, step: int) -> None:
         pass
 
     def finish(self) -> None:
@@ -174,3 +185,56 @@ def _versions() -> dict[str, str]:
         "peft": peft.__version__,
         "python": platform.python_version(),
     }
+
+
+# ---- run_state.json: whether a run is running, finished, interrupted or failed -------------------
+# Written by the run itself (rank 0), so `chattune ui` shows a run started from the shell as one it
+# started. A state of "running" whose process is gone means the process was killed (SIGKILL, power).
+RUN_STATE = "run_state.json"
+RUN_STATES = ("running", "finished", "interrupted", "failed")
+
+
+def write_run_state(out_dir: Path, state: str, **extra) -> None:
+    """Record `state` (one of RUN_STATES) with this process's id and the time (unix seconds) in
+    `out_dir/run_state.json`, atomically (a reader never sees half a file)."""
+    if state not in RUN_STATES:
+        raise ValueError(f"run state {state!r} is not one of {RUN_STATES}")
+    record = {"state": state, "pid": os.getpid(), "time": time.time(), **extra}
+    write_text_atomic(out_dir / RUN_STATE, json.dumps(record, ensure_ascii=False))
+
+
+def read_run_state(run_dir: Path) -> dict | None:
+    """`run_dir/run_state.json` as written by `write_run_state`, or None when absent or unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and record.get("state") in RUN_STATES and isinstance(record.get("pid"), int)
+    return record if ok else None
+
+
+@contextmanager
+def recording_end_state(out_dir: str | Path) -> Iterator[None]:
+    """Around `train.run` in `chattune train`: SIGTERM (what `chattune ui`'s Stop sends) stops the run
+    as Ctrl-C does, and a run that this process opened and that ends without finishing is marked
+    `interrupted` (SIGTERM, Ctrl-C) or `failed` (with the error's message)."""
+    out = Path(out_dir)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, interrupt) if main else None
+    try:
+        yield
+    except BaseException as e:
+        state = read_run_state(out)
+        if state is not None and state["pid"] == os.getpid() and state["state"] == "running":
+            if isinstance(e, KeyboardInterrupt):
+                write_run_state(out, "interrupted")
+            else:
+                write_run_state(out, "failed", error=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -138,6 +138,7 @@ def write_adapter(
         base_model_path=str(facts.model_dir),
         system_prompt=cfg.data.system_prompt,
         end_of_turn_token=facts.eot,
+        template_kwargs=dict(cfg.data.template_kwargs) or None,
         stop_token_ids=list(facts.stop_token_ids),
         max_len=cfg.data.max_len,
         # What the training config said; loaders never act on it (only the user's own flag runs code).
