@@ -160,7 +160,7 @@ def _write(tmp_path: Path, name: str, content: bytes) -> Path:
 
 
 CONFIG_FILES = [
-    ("missing", None, "not found"),
+    ("missing", None, "no such config file"),
     (
         "not-yaml",
         b"train: [\n",
@@ -400,7 +400,7 @@ CLI = [
     (["eval", "{tmp}/missing", "--data", "{tmp}/in.jsonl"], "does not exist"),
     (["merge", "{tmp}/missing", "--output", "{tmp}/merged"], "does not exist"),
     (["report", "{tmp}/missing"], "missing"),
-    (["data", "check", "{tmp}/missing.yaml"], "not found"),
+    (["data", "check", "{tmp}/missing.yaml"], "no such config file"),
     (["data", "convert", "{tmp}/missing.json", "{tmp}/out.jsonl"], "file not found"),
     (["data", "convert", "{tmp}/in.jsonl", "{tmp}/out.jsonl", "--converter", "identity"], "--name"),
     (["demo", "--output-dir", "{tmp}/out", "train.lr=.nan"], "train.lr"),

@@ -168,8 +168,8 @@ def _model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 
 MODELS = [
-    ("hidden-size", lambda d: _edit_json(d / "config.json", hidden_size=48), "cannot load the model"),
-    ("layers-more", lambda d: _edit_json(d / "config.json", vocab_size=1000), "cannot load the model"),
+    ("hidden-size", lambda d: _edit_json(d / "config.json", hidden_size=48), "different models"),
+    ("intermediate-size", lambda d: _edit_json(d / "config.json", intermediate_size=100), "different models"),
     (
         "truncated",
         lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:999]),

@@ -205,6 +205,7 @@ def load_model_dir(src: ModelSource, dtype: Any, **kwargs):
     from transformers import AutoModelForCausalLM
 
     check_model_weights(src.base_dir)
+    _check_weights_fit_config(src)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(src.base_dir), dtype=dtype, trust_remote_code=src.trust_remote_code, **kwargs
@@ -216,6 +217,31 @@ def load_model_dir(src: ModelSource, dtype: Any, **kwargs):
             f"cannot load the model from '{src.base_dir}': {' '.join(str(e).split())[:300]}{_hint(e)}; re-download it or "
             "point at another folder"
         ) from None
+
+
+def _check_weights_fit_config(src: ModelSource) -> None:
+    """The folder's tensor shapes (safetensors headers) against the model its config.json builds, on the meta
+    device (no memory): transformers 5 only logs a mismatch and initialises those weights at random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(src.base_dir.glob("*.safetensors"))
+    if not files or src.trust_remote_code:
+        return
+    try:
+        config = AutoConfig.from_pretrained(str(src.base_dir))
+        with torch.device("meta"):
+            want = {
+                k: list(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+            }
+    except Exception:  # noqa: BLE001 - an architecture this check cannot build: from_pretrained decides
+        return
+    for weights in files:
+        for name, (_, shape) in read_safetensors_header(weights).items():
+            if name in want and want[name] != shape:
+                raise ModelError(
+                    f"{weights}: tensor '{name[:100]}' is {shape}, but {src.base_dir / 'config.json'} makes it "
+                    f"{want[name]}: the config and the weights are of different models; re-download the folder"
+                )
 
 
 def check_adapter_fits(model, adapter_dir: Path) -> None:
