@@ -223,7 +223,7 @@ def test_resume_skips_finished_and_continues_interrupted(rank_sweep, capfd):
     assert is_finished(r8)
     rows = [json.loads(line) for line in (r8 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # continued at step 2, not restarted
-    assert [r["tag"] for r in rows if "tag" in r] == ["baseline", "epoch 1"]
+    assert [r["tag"] for r in rows if "tag" in r] == ["baseline", "step 2"]  # max_steps=2 ends inside epoch 1
     assert "resuming from" in capfd.readouterr().err  # train's own --resume, in the variant's process
 
 

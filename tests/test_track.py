@@ -486,7 +486,8 @@ def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny
 
     doc = _structure((run_dir / "report.html").read_text(encoding="utf-8"))
     assert len(doc.images) == 4  # train/loss, train/lr, train/grad_norm, eval/loss
-    metrics_table, predictions_table = doc.tables[:2]
+    result, _cost, predictions_table, metrics_table = doc.tables[:4]  # the result leads (issue 25)
+    assert result[0] == ["metric", "baseline", "epoch 2 (final)", "change"]
     assert [r[0] for r in metrics_table[1:]] == [*tags, "epoch 2 − baseline"]
     assert predictions_table[0] == ["prompt", "baseline answer", "final answer (epoch 2)", "reference"]
     first = [p for p in preds if p["prompt"] == predictions_table[1][0]]
