@@ -131,7 +131,9 @@ def cmd_stats(args) -> int:
     # The template's own choice (Qwen3 renders no reasoning before the last user turn): said, not hidden.
     lost = sum(1 for c in convs if dropped_reasoning(tok, c.messages))
     if lost:
-        print(f"{lost} multi-turn examples had reasoning dropped from earlier turns by the chat template (not trained)")
+        print(
+            f"{lost} multi-turn examples had reasoning dropped from earlier turns by the chat template (not trained)"
+        )
     if args.png:
         write_histogram_png(full, dc.max_len, args.png)
         print(f"histogram written to {args.png}")
