@@ -234,3 +234,20 @@ def test_refuses_to_overwrite(merged_case, tiny_model_dir, tmp_path):
     empty.mkdir()  # an existing empty directory is fine
     assert (merge_adapter(adapter, empty, dtype="bf16") / "config.json").is_file()
     assert json.loads((empty / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_merged_model_keeps_the_template_kwargs(tiny_model_dir, qwen_tokenizer, tmp_path):
+    """An adapter trained with data.template_kwargs: the merged folder's inference.json carries them, so
+    its prompts render as training did (issue 29)."""
+    from chattune.adapter import read_inference_info
+    from chattune.infer.load import load_source_tokenizer, read_model_source
+    from chattune.infer.merge import merge_adapter
+    from chattune.render.template import template_kwargs
+
+    adapter = make_adapter_dir(tiny_model_dir, tmp_path / "run" / "adapter", qwen_tokenizer)
+    info = json.loads((adapter / "inference.json").read_text(encoding="utf-8"))
+    info["template_kwargs"] = {"enable_thinking": False}
+    (adapter / "inference.json").write_text(json.dumps(info), encoding="utf-8")
+    merged = merge_adapter(adapter, tmp_path / "merged")
+    assert read_inference_info(merged).template_kwargs == {"enable_thinking": False}
+    assert template_kwargs(load_source_tokenizer(read_model_source(merged))) == {"enable_thinking": False}

@@ -48,6 +48,9 @@ def _load(args):
 
     cfg = load_config(args.config, args.overrides, check_output=False)  # data commands write no run
     tokenizer, model_dir = load_data_tokenizer(cfg.model)
+    from chattune.render.template import set_template_kwargs
+
+    set_template_kwargs(tokenizer, cfg.data.template_kwargs)  # rendered as `chattune train` will
     train, held, read_report, eval_report = read_splits(cfg.data, cfg.train.seed)
     return cfg, tokenizer, model_dir, train, held, read_report, eval_report
 
@@ -123,6 +126,14 @@ def cmd_stats(args) -> int:
     print(_read_summary(dc, train, held, read_report, eval_report))
     print(format_stats(length_table(full), full, dc.max_len, title=f"{args.split} tokens before truncation"))
     print(_render_summary(args.split, report, dc))
+    from chattune.render.template import dropped_reasoning
+
+    # The template's own choice (Qwen3 renders no reasoning before the last user turn): said, not hidden.
+    lost = sum(1 for c in convs if dropped_reasoning(tok, c.messages))
+    if lost:
+        print(
+            f"{lost} multi-turn examples had reasoning dropped from earlier turns by the chat template (not trained)"
+        )
     if args.png:
         write_histogram_png(full, dc.max_len, args.png)
         print(f"histogram written to {args.png}")

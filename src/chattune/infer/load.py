@@ -322,6 +322,12 @@ def load_source_tokenizer(src: ModelSource, *, for_generation: bool = True):
     if not tok.chat_template:
         raise ModelError(f"the tokenizer in '{tok_dir or src.base_dir}' has no chat template")
     check_template_renders(tok, tok_dir or src.base_dir)
+    # data.template_kwargs recorded at training (e.g. enable_thinking=False): every prompt built with this
+    # tokenizer (chat, predict, eval, serve, GGUF export) then renders as training did.
+    from chattune.render.template import set_template_kwargs
+
+    stored = read_inference_info(src.path)
+    set_template_kwargs(tok, (stored.template_kwargs if stored is not None else None) or {})
     if not for_generation:  # as saved, for copying into a merged model
         return tok
     tok.padding_side = "left"  # generation appends on the right, so pads must sit on the left

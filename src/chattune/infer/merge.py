@@ -97,6 +97,7 @@ def merge_adapter(
     from transformers import GenerationConfig
 
     from chattune.infer.load import read_model_source
+    from chattune.render.template import template_kwargs
 
     src = read_model_source(adapter_dir, trust_remote_code=trust_remote_code)
     if src.adapter_dir is None:
@@ -137,6 +138,7 @@ def merge_adapter(
         stop_token_ids=list(gen.eos_token_id),
         trained_on_quantized_base=quantized,
         note=note,
+        template_kwargs=template_kwargs(tokenizer) or None,  # as the adapter recorded them
     )
     with atomic_path(out, directory=True) as tmp:  # `out` is new or empty (checked above)
         model.save_pretrained(tmp)  # safetensors; a tied lm_head is stored once

@@ -43,6 +43,7 @@ from chattune.infer.load import Loaded
 from chattune.infer.requests import (
     MAX_BODY_BYTES,
     APIError,
+    answer_message,
     check_api_key,
     prepare_request,
 )
@@ -280,7 +281,7 @@ def build_app(
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": answer_message(c.text),  # reasoning apart, as vLLM and SGLang return it
                 "logprobs": None,
                 "finish_reason": c.finish_reason,
             }
