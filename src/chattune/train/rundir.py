@@ -230,8 +230,9 @@ def recording_end_state(out_dir: str | Path) -> Iterator[None]:
     except BaseException as e:
         state = read_run_state(out)
         if state is not None and state["pid"] == os.getpid() and state["state"] == "running":
+            # Ctrl-C now, or the loop's Interrupted (exit 130) at a step boundary
             if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 130:
-                write_run_state(out, "interrupted")  # Ctrl-C now, or the loop's Interrupted at a step boundary
+                write_run_state(out, "interrupted")
             else:
                 write_run_state(out, "failed", error=f"{type(e).__name__}: {e}"[:2000])
         raise
