@@ -62,6 +62,7 @@ class ModelSource:
     end_of_turn_token: str | None
     trust_remote_code: bool = False  # the user's own --trust-remote-code, never a file's say
     label: str | None = None  # a named model's id (builtin:..., hub id, .gguf): what reports and serve show
+    template_kwargs: dict | None = None  # data.template_kwargs recorded at training (inference.json)
 
     @property
     def name(self) -> str:
@@ -166,6 +167,7 @@ def read_model_source(path: str | Path, *, trust_remote_code: bool = False) -> M
         end_of_turn_token=info.get("end_of_turn_token"),
         trust_remote_code=trust_remote_code,
         label=Path(named).stem if named and named.lower().endswith(".gguf") else named,
+        template_kwargs=info.get("template_kwargs"),
     )
 
 
@@ -326,8 +328,7 @@ def load_source_tokenizer(src: ModelSource, *, for_generation: bool = True):
     # tokenizer (chat, predict, eval, serve, GGUF export) then renders as training did.
     from chattune.render.template import set_template_kwargs
 
-    stored = read_inference_info(src.path)
-    set_template_kwargs(tok, (stored.template_kwargs if stored is not None else None) or {})
+    set_template_kwargs(tok, src.template_kwargs or {})
     if not for_generation:  # as saved, for copying into a merged model
         return tok
     tok.padding_side = "left"  # generation appends on the right, so pads must sit on the left

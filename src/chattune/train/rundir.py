@@ -26,7 +26,7 @@ from chattune.files import file_sha256, write_text_atomic
 from chattune.render.template import end_of_turn_token
 from chattune.track import Tracker, build_tracker
 from chattune.train.checkpoints import Checkpointer, tidy_run_dir
-from chattune.train.loop import progress_so_far
+from chattune.train.loop import Interrupted, progress_so_far
 from chattune.train.records import LoopResult, Optim, RunDir
 from chattune.train.save import AdapterFacts, write_adapter
 from chattune.train.strategies import Strategy
@@ -230,8 +230,8 @@ def recording_end_state(out_dir: str | Path) -> Iterator[None]:
     except BaseException as e:
         state = read_run_state(out)
         if state is not None and state["pid"] == os.getpid() and state["state"] == "running":
-            # Ctrl-C now, or the loop's Interrupted (exit 130) at a step boundary
-            if isinstance(e, KeyboardInterrupt) or getattr(e, "exit_code", None) == 130:
+            # Ctrl-C now, or the loop's stop at a step boundary
+            if isinstance(e, (KeyboardInterrupt, Interrupted)):
                 write_run_state(out, "interrupted")
             else:
                 write_run_state(out, "failed", error=f"{type(e).__name__}: {e}"[:2000])
