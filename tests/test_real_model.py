@@ -114,7 +114,10 @@ def _plain_greedy(model, tok, conversations, system: str, max_new_tokens=40) -> 
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        text = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        # A 40-token cut can end inside a character's bytes (Chinese answers): decode shows U+FFFD there,
+        # which chattune leaves out (generation.py); the text before it is what is compared.
+        answers.append(text.rstrip("\ufffd"))
     return answers
 
 
