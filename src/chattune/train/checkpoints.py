@@ -5,13 +5,13 @@ it needs (tokenizer + chat template, chattune.yaml, inference.json). `Checkpoint
 optimizer, scheduler, step, every random generator training draws from, the run's config, a fingerprint
 of its training examples and its progress. `find_resume_point` (`--resume`) finds the last complete
 checkpoint and refuses a config it cannot continue, before the model loads; `Checkpointer.restore` then
-restores it so the run goes on bit for bit.
+restores it so the run goes on bit for bit. `save` holds the steps only while it copies that state to
+host memory; a background thread writes it (`checkpoint_writer`), and `wait` returns once it is on disk.
 A checkpoint is data, never code: `state.pt` is read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -327,7 +327,7 @@ class Checkpointer:
         folder = self.ckpt_dir / f"step-{step:07d}"
         state = {
             "optimizer": optim if self.sharded else self.optimizer.state_dict(),
-            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
             "step": step,
             "rng": rng,  # one entry per rank
             "config": config_to_dict(self.facts.cfg),
@@ -340,8 +340,8 @@ class Checkpointer:
             self._write(folder, lora, state)
         else:
             adapter = lora if self.sharded else adapter_tensors(self.model)
-            if not (self.sharded and self.device == "cuda"):  # gathered from the GPU: host copies already
-                adapter, state = self._host.take((adapter, state))
+            # Gathered shards too: their CPU entries (the step counts) can be the live tensors.
+            adapter, state = self._host.take((adapter, state))
             self.writer.start(folder, lambda: self._write(folder, adapter, state))
         self.writer.blocked_s += time.perf_counter() - t0
 
