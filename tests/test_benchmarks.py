@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -371,7 +372,9 @@ def test_bench_command_writes_metrics_and_predictions(tmp_path, tiny_model_dir, 
     assert len(preds) == 4 and sum(p["correct"] for p in preds) == metrics["correct"]
     captured = capsys.readouterr()
     assert "accuracy" in captured.out
-    assert "bench cmmlu" in captured.err and "4/4" in captured.err  # the progress bar: done / total, rate
+    # predict's progress line (done / total, elapsed, rate), once: the four questions are one batch
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("bench cmmlu: ")]
+    assert re.fullmatch(r"bench cmmlu: 4/4 answered \(\d+ s, [\d.,]+/s\)", line), line
 
     # A broken file is one line on stderr and exit code 2, before any model loads.
     (data / "test" / "astronomy.csv").write_text(
@@ -519,7 +522,7 @@ def test_real_model_knows_capitals_above_chance(tmp_path):
 def test_progress_line_says_done_total_rate_and_time_left():
     import time
 
-    from chattune.infer.predict import progress_line
+    from chattune.console import progress_line
 
     line = progress_line(2, 4, time.monotonic() - 10)
     assert line.startswith("2/4 answered (10 s, 0.20/s, about 10 s left)"), line
