@@ -284,6 +284,19 @@ def test_swanlab_warnings_still_print_while_its_banner_is_held(tmp_path, swanlab
     assert backend.sync_line and str(tmp_path / "swanlog") in backend.sync_line
 
 
+def test_held_run_links_are_said_when_the_command_stops_early(tmp_path, swanlab_env, capsys) -> None:
+    """`chattune demo` holds the `swanlab sync` line for its summary; stopped before it, the line is not lost."""
+    from chattune.track import held_run_links
+
+    with pytest.raises(KeyboardInterrupt):
+        with held_run_links() as links:
+            _simulate_run(build_tracker(TrackConfig(backend="swanlab", mode="offline"), tmp_path, HPARAMS))
+            assert len(links) == 1 and "swanlab sync" not in capsys.readouterr().err  # held, not said
+            raise KeyboardInterrupt
+    err = capsys.readouterr().err
+    assert err.count("swanlab sync") == 1 and err.strip().splitlines()[-1] == links[0]
+
+
 def test_swanlab_init_failure_is_one_warning(tmp_path, swanlab_env, monkeypatch, caplog) -> None:
     import swanlab
 

@@ -296,8 +296,14 @@ def held_run_links() -> Iterator[list[str]]:
     command which ends with its own summary (`chattune demo`) prints them there, last and once."""
     global _held
     outer, _held = _held, []
+    held = _held
     try:
-        yield _held
+        yield held
+    except BaseException:  # the command won't reach its summary (Ctrl-C, an error): say them now
+        _held = outer
+        for line in held:
+            _tell(line)
+        raise
     finally:
         _held = outer
 

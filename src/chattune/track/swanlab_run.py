@@ -53,7 +53,7 @@ def resolve_swanlab_mode(mode: str) -> SwanLabMode:
     if chosen == "local" and importlib.util.find_spec("swanboard") is None:
         logger.warning(
             "SwanLab local mode needs the dashboard (pip install 'swanlab[dashboard]'); logging offline "
-            "instead. The files are the same; the `swanlab sync` command that uploads them is printed at the end."
+            "instead. The files are the same; the command that uploads them is printed at the end."
         )
         chosen = "offline"
     return chosen
@@ -103,8 +103,8 @@ def start_swanlab(
             raise RuntimeError(f"cloud: {e}; offline: {offline_error}") from offline_error
         mode = "offline"
         logger.warning(
-            "SwanLab cloud could not start (%s: %s); logging offline instead to %s (the `swanlab sync` "
-            "command that uploads it is printed at the end).",
+            "SwanLab cloud could not start (%s: %s); logging offline instead to %s (the command that "
+            "uploads it is printed at the end).",
             type(e).__name__,
             e,
             run.dir,
