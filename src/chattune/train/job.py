@@ -158,8 +158,10 @@ def read_and_render(cfg: Config, world: World, model_dir: Path) -> TrainingData:
         on_bad_row=dc.on_bad_row,
         cache=dc.cache,
     )
-    train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
-    eval_ex, eval_report = render_all(tokenizer, eval_convs, **render_kw)
+    train_ex, train_report = render_all(
+        tokenizer, train_convs, desc="tokenising the training set", **render_kw
+    )
+    eval_ex, eval_report = render_all(tokenizer, eval_convs, desc="tokenising the eval set", **render_kw)
     require_examples(train_report, dc)  # a readable refusal when every conversation was dropped
     if cfg.eval.max_eval_examples is not None:
         eval_ex = eval_ex[: cfg.eval.max_eval_examples]
