@@ -70,12 +70,34 @@ def _rebuild(tree, copies: dict):
     return copy.deepcopy(tree)
 
 
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 class HostCopies:
     """Host copies of a checkpoint's tensors in buffers kept from one checkpoint to the next."""
 
     def __init__(self) -> None:
-        # pinned (bool) -> (layout, buffer, views): reused while the tensors keep their shapes and dtypes
-        self._buffers: dict[bool, tuple[tuple, object, list]] = {}
+        self._raw: dict = {}  # pinned (bool) -> uint8 buffer, kept while large enough
+        self._carved: dict = {}  # pinned -> (layout, views): reused while shapes and dtypes stay
+        self._reserving: threading.Thread | None = None
+
+    def reserve(self, nbytes: int, *, pinned: bool = True) -> None:
+        """Allocate the buffer of `nbytes` in a background thread now, so that the first `take` finds it
+        (pinning a few GB of host memory takes a good part of a second). Nothing when `nbytes` is 0."""
+        if nbytes <= 0:
+            return
+
+        def work() -> None:
+            import torch
+
+            try:
+                self._raw[pinned] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            except Exception:  # e.g. too little host memory to pin: `take` allocates, and says why
+                pass
+
+        self._reserving = threading.Thread(target=work, name="chattune-checkpoint-buffer", daemon=True)
+        self._reserving.start()
 
     def take(self, tree):
         """A copy of `tree` whose tensors live in host memory owned here, consistent as of this call.
@@ -106,25 +128,39 @@ class HostCopies:
         """One host tensor per entry of `tensors` (same shape and dtype, contiguous), within one buffer."""
         import torch
 
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
         layout = tuple((t.dtype, tuple(t.shape)) for t in tensors)
-        kept = self._buffers.get(pinned)
-        if kept is not None and kept[0] == layout:
-            return kept[2]
-        self._buffers.pop(pinned, None)  # the old buffer goes before the new one is allocated
+        carved = self._carved.get(pinned)
+        if carved is not None and carved[0] == layout:
+            return carved[1]
         offsets, total = [], 0
         for t in tensors:
             offsets.append(total)
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-        buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pinned)
-        array = buffer.numpy()  # keeps `buffer` alive for as long as any view of it lives
+            total += _padded(t.numel() * t.element_size())
+        raw = self._raw.get(pinned)
+        if raw is None or raw.numel() < total:
+            self._raw.pop(pinned, None), self._carved.pop(pinned, None)  # freed before the new one
+            raw = self._raw[pinned] = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pinned)
+        array = raw.numpy()  # the views keep it (and `raw`) alive for as long as they live
         views = [
             torch.frombuffer(array, dtype=t.dtype, count=t.numel(), offset=off).view(t.shape)
             if t.numel()
             else torch.empty(t.shape, dtype=t.dtype)
             for t, off in zip(tensors, offsets, strict=True)
         ]
-        self._buffers[pinned] = (layout, buffer, views)
+        self._carved[pinned] = (layout, views)
         return views
+
+
+def pinned_bytes(model, optimizer) -> int:
+    """A checkpoint's CUDA tensors in bytes (as `take` lays them out): the trainable weights, and AdamW's
+    two moments of each weight the optimizer keeps on the GPU (memory mode keeps them on the host).
+    An estimate for `HostCopies.reserve`: `take` allocates again when it is short."""
+    weights = sum(_padded(p.nbytes) for p in model.parameters() if p.requires_grad and p.is_cuda)
+    moments = sum(2 * _padded(p.nbytes) for g in optimizer.param_groups for p in g["params"] if p.is_cuda)
+    return weights + moments
 
 
 class BackgroundWriter:

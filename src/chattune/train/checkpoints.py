@@ -29,7 +29,7 @@ from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
 from chattune.files import atomic_path
 from chattune.train.checkpoint_checks import check_moments, check_state
-from chattune.train.checkpoint_writer import BackgroundWriter, HostCopies, adapter_tensors
+from chattune.train.checkpoint_writer import BackgroundWriter, HostCopies, adapter_tensors, pinned_bytes
 from chattune.train.save import AdapterFacts, write_adapter
 from chattune.train.world import World, gather_trainable
 
@@ -302,6 +302,8 @@ class Checkpointer:
         self.world, self.sharded, self.device = world, sharded, world.device
         self.facts, self.fingerprint = facts, fingerprint
         self._host, self.writer = HostCopies(), BackgroundWriter()
+        if world.is_main and not sharded and facts.cfg.lora.enabled and facts.cfg.train.save_steps:
+            self._host.reserve(pinned_bytes(model, optimizer))  # ready by the first checkpoint
 
     def save(self, step: int, progress: Progress) -> None:
         """Checkpoint this step: the adapter folder (as the final one) and state.pt, in `step-NNNNNNN`.
