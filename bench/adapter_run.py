@@ -72,7 +72,9 @@ def prepare(work: Path, arch: str = "qwen2.5-7b", records: int = RECORDS) -> tup
 
 def _pythonpath() -> str:
     """`$BENCH_SRC` (default: this checkout's src/) first, then whatever the caller set (e.g. carried wheels' folder)."""
-    return os.pathsep.join(p for p in (os.environ.get("BENCH_SRC", str(REPO / "src")), os.environ.get("PYTHONPATH", "")) if p)
+    return os.pathsep.join(
+        p for p in (os.environ.get("BENCH_SRC", str(REPO / "src")), os.environ.get("PYTHONPATH", "")) if p
+    )
 
 
 def timed(cmd: list[str], env: dict, log: Path, limit: float) -> tuple[float, int, list[tuple[float, str]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -371,7 +372,9 @@ def test_bench_command_writes_metrics_and_predictions(tmp_path, tiny_model_dir, 
     assert len(preds) == 4 and sum(p["correct"] for p in preds) == metrics["correct"]
     captured = capsys.readouterr()
     assert "accuracy" in captured.out
-    assert "bench cmmlu" in captured.err and "4/4" in captured.err  # the progress bar: done / total, rate
+    # predict's progress line (done / total, elapsed, rate), once: the four questions are one batch
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("bench cmmlu: ")]
+    assert re.fullmatch(r"bench cmmlu: 4/4 answered \(\d+ s, [\d.,]+/s\)", line), line
 
     # A broken file is one line on stderr and exit code 2, before any model loads.
     (data / "test" / "astronomy.csv").write_text(
@@ -519,11 +522,40 @@ def test_real_model_knows_capitals_above_chance(tmp_path):
 def test_progress_line_says_done_total_rate_and_time_left():
     import time
 
-    from chattune.infer.predict import progress_line
+    from chattune.console import progress_line
 
     line = progress_line(2, 4, time.monotonic() - 10)
     assert line.startswith("2/4 answered (10 s, 0.20/s, about 10 s left)"), line
     assert "left" not in progress_line(4, 4, time.monotonic() - 10)
+    assert "about 50 min left" in progress_line(1, 301, time.monotonic() - 10)
+
+
+def test_progress_lines_are_throttled(capsys):
+    """A thousand quick updates: the first line (rate, time left) and the final count, nothing between;
+    disabled prints nothing; closing while an error propagates adds no line under it."""
+    from chattune.console import ProgressLines
+
+    bar = ProgressLines(1000, "bench mmlu")
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("bench mmlu: 1/1000 answered (") and "left" in lines[0]
+    assert lines[1].startswith("bench mmlu: 1000/1000 answered (")
+    quiet = ProgressLines(10, "x", enabled=False)
+    quiet.update(10)
+    quiet.close()
+    failing = ProgressLines(10, "y")
+    failing.update(1)
+    with pytest.raises(ValueError):
+        try:
+            raise ValueError("boom")
+        finally:
+            failing.close()
+    (only,) = (
+        capsys.readouterr().err.splitlines()
+    )  # the first update's line; none from `quiet`, none at close
+    assert only.startswith("y: 1/10 answered (")
 
 
 def test_demo_scores_its_general_knowledge_set_and_prints_it(tmp_path, capsys):

@@ -139,10 +139,13 @@ def test_demo_end_to_end_shortened(tmp_path, capsys):
     assert code == 0
     for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "report.html", "summary.json"):
         assert (out / name).is_file(), name
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Unseen identity questions answered as Juniper" in printed and "before" in printed
-    synced = [line for line in printed.splitlines() if "swanlab sync" in line]  # SwanLab offline mode
-    assert synced and Path(synced[0].split("swanlab sync ")[1].strip("`")).is_dir()
+    # SwanLab offline mode: the upload command once, ours, last (SwanLab's own banner is held back).
+    assert (captured.out + captured.err).count("swanlab sync") == 1, captured.out + captured.err
+    last = printed.rstrip().splitlines()[-1]
+    assert "swanlab sync" in last and Path(last.split("swanlab sync ")[1].strip("`")).is_dir()
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys):

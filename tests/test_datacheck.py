@@ -118,6 +118,29 @@ def test_stats_table_histogram_and_png(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_stats_on_a_large_file_reports_rate_and_time_left(tmp_path, capsys):
+    """From PARALLEL_MIN conversations on, each tokenising pass says done/total, rate and time left as it
+    goes (throttled: a line after the first chunk, then at most one every 10 s, then the final count)."""
+    import re
+
+    from chattune.render.cache import PARALLEL_MIN
+
+    n = PARALLEL_MIN + 100
+    data = tmp_path / "big.jsonl"
+    rows = [{"instruction": f"What is {i} + 1?", "output": f"{i + 1}"} for i in range(n)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = write_config(tmp_path, {"train_path": str(data), "max_len": 64, "cache": False})
+    assert main(["data", "stats", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    for label in ("tokenising at full length", "tokenising at max_len 64"):
+        lines = [line for line in err.splitlines() if line.startswith(f"{label}: ")]
+        assert re.fullmatch(
+            rf"{label}: \d+/{n} conversations \(\d+ s, [\d.,]+/s, about \d+ s left\)", lines[0]
+        )
+        assert lines[-1].startswith(f"{label}: {n}/{n} conversations (") and "left" not in lines[-1]
+        assert len(lines) < 10  # not a line per chunk of 256
+
+
 def test_length_table_and_histogram():
     ex = [
         {"input_ids": [0] * n, "labels": [IGNORE_INDEX] * (n - a) + [1] * a}

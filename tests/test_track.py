@@ -198,6 +198,13 @@ def test_swanlab_auto_without_key_never_prompts(tmp_path, swanlab_env) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "could not start" not in proc.stderr and "Enter your choice" not in proc.stdout
+    # One line to act on, ours, at the end: SwanLab's own banner (version, folder, the same advice at
+    # start and end, wrapped) is held back.
+    printed = proc.stdout + proc.stderr
+    assert printed.count("swanlab sync") == 1, printed
+    assert "Tracking run with swanlab version" not in printed
+    (line,) = [line for line in printed.splitlines() if "swanlab sync" in line]
+    assert Path(line.split("swanlab sync ")[1].strip("`")).parent == run_dir / "swanlog"
     _assert_swanlab_run(
         _read_swanlab_run(run_dir / "swanlog"), TrackConfig(project="chattune-test", experiment="ci")
     )
@@ -263,6 +270,31 @@ def test_swanlab_marks_a_crashed_run(tmp_path, swanlab_env) -> None:
         finally:
             tracker.finish()
     assert _read_swanlab_run(tmp_path / "swanlog")["state"] == "RUN_STATE_CRASHED"
+
+
+def test_swanlab_warnings_still_print_while_its_banner_is_held(tmp_path, swanlab_env, capfd) -> None:
+    from chattune.track.swanlab_run import start_swanlab
+
+    backend = start_swanlab(TrackConfig(backend="swanlab", mode="offline"), tmp_path, HPARAMS)
+    backend.finish(None)
+    backend.finish(None)  # SwanLab warns that the run has already finished
+    printed = "".join(capfd.readouterr())
+    assert "already finished" in printed and "WARNING" in printed
+    assert "swanlab sync" not in printed  # the backend prints no advice; the tracker's line says it once
+    assert backend.sync_line and str(tmp_path / "swanlog") in backend.sync_line
+
+
+def test_held_run_links_are_said_when_the_command_stops_early(tmp_path, swanlab_env, capsys) -> None:
+    """`chattune demo` holds the `swanlab sync` line for its summary; stopped before it, the line is not lost."""
+    from chattune.track import held_run_links
+
+    with pytest.raises(KeyboardInterrupt):
+        with held_run_links() as links:
+            _simulate_run(build_tracker(TrackConfig(backend="swanlab", mode="offline"), tmp_path, HPARAMS))
+            assert len(links) == 1 and "swanlab sync" not in capsys.readouterr().err  # held, not said
+            raise KeyboardInterrupt
+    err = capsys.readouterr().err
+    assert err.count("swanlab sync") == 1 and err.strip().splitlines()[-1] == links[0]
 
 
 def test_swanlab_init_failure_is_one_warning(tmp_path, swanlab_env, monkeypatch, caplog) -> None:
@@ -374,11 +406,13 @@ def test_tensorboard_log_failure_is_contained(tmp_path, monkeypatch, caplog) -> 
 HUANHUAN = Path(__file__).resolve().parents[1] / "data" / "huanhuan" / "huanhuan.json"
 
 
-def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny_model_dir, caplog) -> None:
+def test_train_run_with_swanlab_offline(
+    tmp_path, swanlab_env, monkeypatch, tiny_model_dir, caplog, capfd
+) -> None:
     """`train.run` with `track.backend: swanlab, mode: offline`, as CI runs it (CI=true, stdin closed,
     no key): SwanLab's record log holds the hyper-parameters, the train/loss series, the eval metrics
     and the prediction texts at step 0 and after each epoch, equal to what metrics.jsonl and
-    predictions.jsonl say."""
+    predictions.jsonl say; the run's output names the `swanlab sync` command once."""
     import io
 
     import torch
@@ -430,6 +464,8 @@ def test_train_run_with_swanlab_offline(tmp_path, swanlab_env, monkeypatch, tiny
     finally:
         torch.set_num_threads(threads)
     assert caplog.records == []  # SwanLab started and never failed (no prompt, no fallback)
+    printed = "".join(capfd.readouterr())
+    assert printed.count("swanlab sync") == 1, printed  # ours; SwanLab's start and end banners held back
 
     swan = _read_swanlab_run(run_dir / "swanlog")
     metrics = _read_jsonl(run_dir / "metrics.jsonl")

@@ -251,3 +251,42 @@ def test_existing_output_dir_message_offers_resume_only_when_it_can(tmp_path):
     with pytest.raises(ChattuneError, match="pass --resume to train it again from the beginning"):
         check_run_dir_unused(killed, resume=False)
     check_run_dir_unused(killed, resume=True)
+
+
+def test_model_loads_while_the_data_renders(tiny_model_dir, huanhuan_slice, tmp_path, monkeypatch):
+    """Issue 28 item 3: in one process the base model loads in its own thread during the data stage; a
+    data error then still comes first, names its file, and leaves no thread loading behind."""
+    import threading
+    import time
+
+    import chattune.train.job as job
+    import chattune.train.preload as preload
+
+    seen: dict = {}
+    real_load, real_render = preload.load_model, job.render_all
+
+    def load(*a, **kw):
+        seen["load_thread"] = threading.current_thread().name
+        seen["load_start"] = time.monotonic()
+        return real_load(*a, **kw)
+
+    def render(*a, **kw):
+        out = real_render(*a, **kw)
+        seen.setdefault("render_end", time.monotonic())
+        return out
+
+    monkeypatch.setattr(preload, "load_model", load)
+    monkeypatch.setattr(job, "render_all", render)
+    run(config_from_dict(tiny_tree(tiny_model_dir, huanhuan_slice, tmp_path / "run", max_steps=1)))
+    assert seen["load_thread"] == "chattune-model-load" != threading.current_thread().name
+    assert seen["load_start"] < seen["render_end"]  # started before the data was rendered
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "ok"}\nnot json\n', encoding="utf-8")
+    tree = tiny_tree(tiny_model_dir, bad, tmp_path / "bad-run")
+    tree["data"]["on_bad_row"] = "error"
+    with pytest.raises(ChattuneError, match="bad.jsonl"):
+        run(config_from_dict(tree))
+    assert not any(t.name == "chattune-model-load" for t in threading.enumerate())
+    assert not (tmp_path / "bad-run").exists()

@@ -30,8 +30,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from chattune.config.checks import check_output_dir
@@ -43,6 +41,7 @@ def cmd_demo(args) -> int:
         print_knowledge_kept,
         read_before_after,
     )
+    from chattune.track import held_run_links
     from chattune.train.job import run
 
     tree = demo_config_tree(args.output_dir)
@@ -56,16 +55,14 @@ def cmd_demo(args) -> int:
         f"chattune demo: LoRA-tune {cfg.model.name_or_path} to answer as '{DEMO_NAME}', on this machine's CPU",
         flush=True,
     )
-    out = run(cfg)
+    with held_run_links() as run_links:  # the `swanlab sync ...` line goes last, below the results
+        out = run(cfg)
     print_before_after(read_before_after(out))
     print_knowledge_kept(out)
     print(f"\nAdapter: {out / 'adapter'}   Report: {out / 'report.html'}")
     print(f"Chat with it: chattune chat {out / 'adapter'}")
-    # Where track.py told SwanLab to write: SWANLAB_LOG_DIR when set, else the run directory's swanlog/.
-    swanlog = os.environ.get("SWANLAB_LOG_DIR") or os.environ.get("SWANLAB_LOGDIR") or str(out / "swanlog")
-    swanlab_runs = sorted(Path(swanlog).glob("run-*"), key=lambda p: p.stat().st_mtime)
-    if swanlab_runs:
-        print(f"SwanLab (offline) run: upload it later with `swanlab sync {swanlab_runs[-1]}`")
+    for line in run_links:
+        print(line)
     return 0
 
 

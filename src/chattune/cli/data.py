@@ -121,8 +121,9 @@ def cmd_stats(args) -> int:
     dc = cfg.data
     convs = train if args.split == "train" else held
     kw = dict(truncation=dc.truncation, train_on=dc.train_on, cache=dc.cache)
-    full, _ = render_all(tok, convs, max_len=10**9, **kw)  # natural lengths, before truncation
-    _, report = render_all(tok, convs, max_len=dc.max_len, **kw)
+    # Two passes (natural lengths, then as trained); on a large file each reports its rate and time left.
+    full, _ = render_all(tok, convs, max_len=10**9, desc="tokenising at full length", **kw)
+    _, report = render_all(tok, convs, max_len=dc.max_len, desc=f"tokenising at max_len {dc.max_len}", **kw)
     print(_read_summary(dc, train, held, read_report, eval_report))
     print(format_stats(length_table(full), full, dc.max_len, title=f"{args.split} tokens before truncation"))
     print(_render_summary(args.split, report, dc))

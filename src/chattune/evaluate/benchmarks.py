@@ -90,10 +90,11 @@ def score_letters(
     Prompts are rendered text (special tokens included), batched longest first with left padding, so
     every row's last position is its prompt's last token; positions count real tokens only. One forward
     per batch that keeps only the last position's logits. Returns one list of `n_choices[i]` floats per
-    prompt, in prompt order. A tqdm bar (questions done / total, rate, ETA) when `desc` is given.
+    prompt, in prompt order. Progress lines (questions done / total, rate, time left) when `desc` is given.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from chattune.console import ProgressLines
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
@@ -112,7 +113,7 @@ def score_letters(
     out: dict[int, list[float]] = {}
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not desc, dynamic_ncols=True)
+    bar = ProgressLines(len(prompts), desc, enabled=bool(desc))
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
@@ -140,8 +141,8 @@ def score_choices(
     computed once instead of once per choice.
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from chattune.console import ProgressLines
     from chattune.infer.graph_decode import _cache_argument  # the forward's name for the KV cache, by version
 
     if batch_size < 1:
@@ -158,7 +159,7 @@ def score_choices(
     out: dict[int, list[float]] = {}
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", disable=not desc, dynamic_ncols=True)
+    bar = ProgressLines(len(prompts), desc, enabled=bool(desc))
     try:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):

@@ -113,9 +113,8 @@ def predict_samples(
     attention mask and pad id, and stops each row at the end-of-turn token or `max_new_tokens`. On a
     GPU, rows are decoded by replaying one CUDA graph per token (`decoding.greedy_decode`).
     """
-    from chattune.console import say
+    from chattune.console import progress_line, say
     from chattune.infer.generation import generate
-    from chattune.infer.predict import progress_line
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")

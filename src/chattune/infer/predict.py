@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chattune.console import say
+from chattune.console import progress_line, say
 from chattune.errors import ChattuneError, DataError
 from chattune.files import atomic_path
 from chattune.infer.generation import NO_ANSWER, generate
@@ -55,15 +55,6 @@ def read_prompts(
     if not rows:
         raise DataError(str(path), None, "no records to predict")
     return rows
-
-
-def progress_line(done: int, total: int, t0: float) -> str:
-    """ "12/40 answered (30 s, 0.40/s, about 70 s left)": work done, elapsed since `t0` (time.monotonic),
-    rate and estimated time left at that rate."""
-    elapsed = time.monotonic() - t0
-    rate = done / elapsed if elapsed > 0 else 0.0
-    left = f", about {(total - done) / rate:.0f} s left" if rate and done < total else ""
-    return f"{done}/{total} answered ({elapsed:.0f} s, {rate:.2f}/s{left})"
 
 
 def predict_file(

@@ -122,6 +122,7 @@ def render_all(
     cache: bool = True,
     workers: int | None = None,
     progress: bool | None = None,
+    desc: str = "tokenising",
 ) -> tuple[list[dict], RenderReport]:
     """Render conversations; returns (examples as dicts, RenderReport). Dropped ones are counted by reason.
 
@@ -129,7 +130,8 @@ def render_all(
     it stops the run naming its file and line. With `cache`, the result is stored under
     $CHATTUNE_CACHE/tokenized keyed by everything it depends on (tokenizer, template, options, data, this
     code), so a second run loads it at once. Large sets are split over `workers` processes (default: one
-    per core, up to 8) with a progress bar."""
+    per core, up to 8), with progress lines (`desc`: what they say is being done) from PARALLEL_MIN
+    conversations on, or as `progress` says."""
 
     opts = dict(max_len=max_len, truncation=truncation, train_on=train_on)
     msgs = [c.messages for c in conversations]
@@ -154,10 +156,10 @@ def render_all(
         size = max(256, min(4096, len(msgs) // (4 * workers) + 1))
         jobs = [(i, msgs[i : i + size]) for i in range(0, len(msgs), size)]
         show = progress if progress is not None else len(msgs) >= PARALLEL_MIN
-        from tqdm import tqdm
+        from chattune.console import ProgressLines
 
         examples, report = [], RenderReport()
-        bar = tqdm(total=len(msgs), desc="tokenising", unit="conv", disable=not show, leave=False)
+        bar = ProgressLines(len(msgs), desc, "conversations", enabled=show)
         _worker_state.update(tokenizer=tokenizer, opts=opts)
         try:
             if workers > 1 and len(jobs) > 1:

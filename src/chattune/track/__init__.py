@@ -9,12 +9,13 @@ fails later warns once and is dropped, so a running training is never stopped by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -36,6 +37,7 @@ __all__ = [
     "TrackerError",
     "build_tracker",
     "format_prediction",
+    "held_run_links",
     "resolve_swanlab_mode",
 ]
 
@@ -272,14 +274,45 @@ class RunTracker:
 
 def _say_where(backend: _Backend) -> None:
     """One line per local record a user can act on: where to view it or the command that uploads it.
-    (SwanLab prints its own `swanlab sync` line; W&B runs silent, so its line is ours.)"""
+    (SwanLab's and W&B's own banners are held back, so the line is ours, printed once.)"""
     from chattune.track.mlflow_run import sqlite_path
 
+    if getattr(backend, "sync_line", None):
+        _tell(backend.sync_line)
     if getattr(backend, "offline", False) and getattr(backend, "sync_dir", None):
-        say_once(f"W&B (offline) run: upload it later with `wandb sync {backend.sync_dir}`")
+        _tell(f"W&B (offline) run: upload it later with `wandb sync {backend.sync_dir}`")
     uri = getattr(backend, "uri", None)
     if uri and sqlite_path(uri) is not None:
-        say_once(f"MLflow run {backend.run_id}: view with `mlflow ui --backend-store-uri {uri}`")
+        _tell(f"MLflow run {backend.run_id}: view with `mlflow ui --backend-store-uri {uri}`")
+
+
+_held: list[str] | None = None  # while `held_run_links` is open: the lines it collects
+
+
+@contextlib.contextmanager
+def held_run_links() -> Iterator[list[str]]:
+    """Within: the lines a finishing tracker prints about where its runs are (`swanlab sync ...`,
+    `wandb sync ...`, `mlflow ui ...`) are collected into the yielded list instead of printed, so that a
+    command which ends with its own summary (`chattune demo`) prints them there, last and once."""
+    global _held
+    outer, _held = _held, []
+    held = _held
+    try:
+        yield held
+    except BaseException:  # the command won't reach its summary (Ctrl-C, an error): say them now
+        _held = outer
+        for line in held:
+            _tell(line)
+        raise
+    finally:
+        _held = outer
+
+
+def _tell(line: str) -> None:
+    if _held is not None:
+        _held.append(line)
+    else:
+        say_once(line)
 
 
 def _is_number(value: Any) -> bool:

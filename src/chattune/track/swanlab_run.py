@@ -1,15 +1,18 @@
 """The SwanLab backend of `build_tracker` (the tutorials' tracker): scalars, the config, sample answers as
 `swanlab.Text`. Never prompts: the mode is always explicit (`resolve_swanlab_mode`), and a cloud run that
-cannot start falls back to offline. Offline runs land in `<run dir>/swanlog/` (or SWANLAB_LOG_DIR).
+cannot start falls back to offline. Offline runs land in `<run dir>/swanlog/` (or SWANLAB_LOG_DIR); their
+`swanlab sync` command is printed once, by the tracker at the end (SwanLab's own offline banner is held back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +53,7 @@ def resolve_swanlab_mode(mode: str) -> SwanLabMode:
     if chosen == "local" and importlib.util.find_spec("swanboard") is None:
         logger.warning(
             "SwanLab local mode needs the dashboard (pip install 'swanlab[dashboard]'); logging offline "
-            "instead. The files are the same; upload them later with `swanlab sync`."
+            "instead. The files are the same; the command that uploads them is printed at the end."
         )
         chosen = "offline"
     return chosen
@@ -87,24 +90,67 @@ def start_swanlab(
         )
 
     try:
-        run = init(mode)
+        with _offline_banner_held(mode):
+            run = init(mode)
     except Exception as e:
         if mode != "online":
             raise
         # No network, no key or a bad one: keep the run's data locally rather than losing it.
         try:
-            run = init("offline")
+            with _offline_banner_held("offline"):
+                run = init("offline")
         except Exception as offline_error:
             raise RuntimeError(f"cloud: {e}; offline: {offline_error}") from offline_error
+        mode = "offline"
         logger.warning(
-            "SwanLab cloud could not start (%s: %s); logging offline instead to %s. Upload it later with "
-            "`swanlab sync %s`.",
+            "SwanLab cloud could not start (%s: %s); logging offline instead to %s (the command that "
+            "uploads it is printed at the end).",
             type(e).__name__,
             e,
             run.dir,
-            run.dir,
         )
-    return SwanLabBackend(swanlab, run)
+    return SwanLabBackend(swanlab, run, mode)
+
+
+_OFFLINE_BANNER = ("Tracking run with swanlab version", "Run data saved at", "`swanlab sync ")
+"""What SwanLab 0.10 prints when an offline run starts (all three) and ends (the last): the version, the
+folder and the `swanlab sync` advice, each wrapped at 80 columns off a terminal. The tracker's one line
+(`sync_line`) says the folder and the command instead."""
+
+
+@contextlib.contextmanager
+def _offline_banner_held(mode: SwanLabMode) -> Iterator[None]:
+    """Within: SwanLab's offline banner lines (`_OFFLINE_BANNER`) are not printed; everything else it
+    prints (warnings, errors, other notes) is, unchanged. Other modes are left alone: their lines (the run's
+    URL, `swanlab watch`) are the ones a user acts on.
+
+    SwanLab 0.10 has no public setting that quiets its console (no env var, `Settings` field or log
+    level; only SWANLAB_DEBUG, which adds output), so this reaches its private console object
+    `swanlab.sdk.internal.pkg.console.c` (a rich Console) and filters through rich's public render-hook API,
+    for the duration of our own `init` / `finish` call only: nothing is patched, and a SwanLab without that
+    object prints its banner as before."""
+    try:
+        from rich.console import RenderHook
+        from swanlab.sdk.internal.pkg.console import c as swanlab_console
+    except ImportError:
+        swanlab_console = None
+    if mode != "offline" or swanlab_console is None:
+        yield
+        return
+
+    class DropBanner(RenderHook):
+        def process_renderables(self, renderables: list) -> list:
+            def banner(r: Any) -> bool:
+                plain = getattr(r, "plain", "")
+                return plain.startswith("swanlab:") and any(m in plain for m in _OFFLINE_BANNER)
+
+            return [r for r in renderables if not banner(r)]
+
+    swanlab_console.push_render_hook(DropBanner())
+    try:
+        yield
+    finally:
+        swanlab_console.pop_render_hook()
 
 
 def _can_prompt() -> bool:
@@ -119,11 +165,20 @@ def _can_prompt() -> bool:
 class SwanLabBackend:
     name = "SwanLab"
 
-    def __init__(self, swanlab: Any, run: Any):
+    def __init__(self, swanlab: Any, run: Any, mode: SwanLabMode):
         self._swanlab = swanlab
         # Log through our Run object, not the module-level `swanlab.log`, so another run can't steal our data.
         self._run = run
+        self._mode = mode
         self.run_id: str | None = getattr(run, "id", None)
+
+    @property
+    def sync_line(self) -> str | None:
+        """For an offline run, the one line that says how to upload it (`swanlab sync <its folder>`)."""
+        run_dir = getattr(self._run, "dir", None)
+        if self._mode != "offline" or not run_dir:
+            return None
+        return f"SwanLab (offline) run: upload it later with `swanlab sync {run_dir}`"
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
@@ -136,8 +191,9 @@ class SwanLabBackend:
         self.log(summary, step)
 
     def finish(self, error: BaseException | None) -> None:
-        if error is None:
-            self._run.finish()
-            return
-        state = "aborted" if isinstance(error, KeyboardInterrupt) else "crashed"
-        self._run.finish(state=state, error="".join(traceback.format_exception(error)))
+        with _offline_banner_held(self._mode):
+            if error is None:
+                self._run.finish()
+                return
+            state = "aborted" if isinstance(error, KeyboardInterrupt) else "crashed"
+            self._run.finish(state=state, error="".join(traceback.format_exception(error)))

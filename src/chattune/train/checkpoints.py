@@ -5,7 +5,8 @@ it needs (tokenizer + chat template, chattune.yaml, inference.json). `Checkpoint
 optimizer, scheduler, step, every random generator training draws from, the run's config, a fingerprint
 of its training examples and its progress. `find_resume_point` (`--resume`) finds the last complete
 checkpoint and refuses a config it cannot continue, before the model loads; `Checkpointer.restore` then
-restores it so the run goes on bit for bit.
+restores it so the run goes on bit for bit. `save` holds the steps only while it copies that state to
+host memory; a background thread writes it (`checkpoint_writer`), and `wait` returns once it is on disk.
 A checkpoint is data, never code: `state.pt` is read with `torch.load(weights_only=True)`.
 """
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import random
 import shutil
+import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
 from chattune.files import atomic_path
 from chattune.train.checkpoint_checks import check_moments, check_state
+from chattune.train.checkpoint_writer import BackgroundWriter, HostCopies, adapter_tensors, pinned_bytes
 from chattune.train.save import AdapterFacts, write_adapter
 from chattune.train.world import World, gather_trainable
 
@@ -298,11 +301,21 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.world, self.sharded, self.device = world, sharded, world.device
         self.facts, self.fingerprint = facts, fingerprint
+        self._host, self.writer = HostCopies(), BackgroundWriter()
+        if world.is_main and not sharded and facts.cfg.lora.enabled and facts.cfg.train.save_steps:
+            self._host.reserve(pinned_bytes(model, optimizer))  # ready by the first checkpoint
 
     def save(self, step: int, progress: Progress) -> None:
-        """The adapter folder (as the final one), then state.pt, written atomically by rank 0; the last one is kept."""
-        import torch
+        """Checkpoint this step: the adapter folder (as the final one) and state.pt, in `step-NNNNNNN`.
 
+        Every rank takes part (sharded weights are gathered with collectives, here, at the step boundary).
+        Rank 0 copies what it writes to host memory now (`HostCopies`), and a background thread writes it:
+        the folder appears complete, atomically, and the older ones go after it. Returns before the write
+        ends (full fine-tuning: after it, writing from the model itself); `wait` ends it.
+        Raises ChattuneError when the previous checkpoint could not be written.
+        """
+        self.wait()  # one write at a time; its buffers are reused below
+        t0 = time.perf_counter()
         lora = optim = None
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -313,22 +326,39 @@ class Checkpointer:
         rng = _gather_rng_states(self.world)
         if not self.world.is_main:
             return
-        with atomic_path(self.ckpt_dir / f"step-{step:07d}", directory=True) as tmp:
-            write_adapter(self.model, self.facts, tmp / "adapter", state_dict=lora)
-            state = {
-                "optimizer": optim if self.sharded else self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "step": step,
-                "rng": rng,  # one entry per rank
-                "config": config_to_dict(self.facts.cfg),
-                "examples_sha256": self.fingerprint,
-                "progress": dataclasses.asdict(progress),
-            }
-            if self.sharded:
-                state["sharded_lora"] = lora
+        folder = self.ckpt_dir / f"step-{step:07d}"
+        state = {
+            "optimizer": optim if self.sharded else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": step,
+            "rng": rng,  # one entry per rank
+            "config": config_to_dict(self.facts.cfg),
+            "examples_sha256": self.fingerprint,
+            "progress": dataclasses.asdict(progress),
+        }
+        if self.sharded:
+            state["sharded_lora"] = lora
+        if not self.facts.cfg.lora.enabled:  # the whole model: written from the model, before the next step
+            self._write(folder, lora, state)
+        else:
+            adapter = lora if self.sharded else adapter_tensors(self.model)
+            # Gathered shards too: their CPU entries (the step counts) can be the live tensors.
+            adapter, state = self._host.take((adapter, state))
+            self.writer.start(folder, lambda: self._write(folder, adapter, state))
+        self.writer.blocked_s += time.perf_counter() - t0
+
+    def _write(self, folder: Path, adapter: dict | None, state: dict) -> None:
+        import torch
+
+        with atomic_path(folder, directory=True) as tmp:
+            write_adapter(self.model, self.facts, tmp / "adapter", state_dict=adapter)
             torch.save(state, tmp / "state.pt")
         for old in sorted(self.ckpt_dir.glob("step-*"))[:-1]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def wait(self, *, quiet: bool = False) -> None:
+        """Return once the checkpoint being written (if any) is on disk (`BackgroundWriter.wait`)."""
+        self.writer.wait(quiet=quiet)
 
     def restore(self, point: tuple[Path, dict] | None, cfg: Config, total_steps: int) -> ResumeState:
         """The checkpoint `find_resume_point` chose into model, optimizer, scheduler and generators (every rank).

@@ -29,17 +29,18 @@ from chattune.errors import ConfigError
 from chattune.evaluate.benchmarks import read_benchmark_configs
 from chattune.evaluate.judge import build_samples, read_samples
 from chattune.evaluate.metrics import default_metrics, require_metric_packages
-from chattune.model.load import load_model, load_tokenizer, pick_device, pick_dtype
-from chattune.model.lora import add_lora, initial_adapter_state, training_model_config
+from chattune.model.load import load_tokenizer, pick_device, pick_dtype
+from chattune.model.lora import add_lora, initial_adapter_state
 from chattune.model.resolve import resolve_model_dir
 from chattune.render.cache import render_all
 from chattune.render.preflight import preflight, require_examples
 from chattune.render.template import set_template_kwargs
 from chattune.train import decide
 from chattune.train.checkpoints import find_resume_point, fingerprint_examples
-from chattune.train.compiling import compile_layers, doc_bound, start_compile_workers, use_compile_cache
+from chattune.train.compiling import compile_layers, doc_bound
 from chattune.train.loop import Batches, Evaluation, forward_context, run_steps, train_step
 from chattune.train.optim import build_optimizer
+from chattune.train.preload import LoadedBase, start_base_load
 from chattune.train.records import ModelSetup, Optim, Plan, RunDir, TrainingData
 from chattune.train.rundir import open_run_dir, save
 from chattune.train.strategies import Strategy, build_strategy, decoder_layers, strategy_for
@@ -57,16 +58,21 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     t_start = time.time()
     world = check_run(cfg, resume)
     sharded = strategy_for(world, cfg.train.distributed).sharded  # the weights split over ranks (fsdp)
-    data = read_and_render(cfg, world)
-    plan = plan_steps(cfg, data, resume, sharded, world.is_main)
-
+    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
+    world = dataclasses.replace(world, device=pick_device(cfg.train.device))
     import torch
 
-    torch.manual_seed(cfg.train.seed)
-    world = dataclasses.replace(world, device=pick_device(cfg.train.device))
+    torch.manual_seed(cfg.train.seed)  # before the load starts: LoRA's initial weights draw next
+    base = start_base_load(cfg, model_dir, world, sharded)  # one process: loads while the data renders
+    try:
+        data = read_and_render(cfg, world, model_dir)
+        plan = plan_steps(cfg, data, resume, sharded, world.is_main)
+    except BaseException:
+        base.settle()  # never exit while the load thread is still copying weights
+        raise
     # Every check on the user's config and data has run on every rank: from here on ranks talk.
     joined = init_process_group(world)
-    built = build_model(cfg, data.model_dir, world, sharded)
+    built = build_model(cfg, base.result(), world)
     strategy = build_strategy(built.model, cfg.train, world, built.loss_of)
     optim = build_optim(cfg, built, plan.total_steps, world)
     # Everything the user gave has been checked by now: only from here on is anything written.
@@ -131,14 +137,13 @@ def check_run(cfg: Config, resume: bool) -> World:
     return world
 
 
-def read_and_render(cfg: Config, world: World) -> TrainingData:
+def read_and_render(cfg: Config, world: World, model_dir: Path) -> TrainingData:
     """Read the data, check it against the tokenizer's template (`preflight`) and render it.
 
-    Raises DataError naming file and line for a bad row (with data.on_bad_row: error), and a readable
-    error when no conversation is left to train on.
+    `model_dir`: the resolved model folder (its tokenizer). Raises DataError naming file and line for a
+    bad row (with data.on_bad_row: error), and a readable error when no conversation is left to train on.
     """
     dc = cfg.data
-    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     tokenizer = load_tokenizer(model_dir, cfg.model)
     set_template_kwargs(tokenizer, dc.template_kwargs)  # every rendering below and in sample answers
     train_convs, eval_convs, read_report, eval_read = read_splits(dc, cfg.train.seed)
@@ -153,8 +158,10 @@ def read_and_render(cfg: Config, world: World) -> TrainingData:
         on_bad_row=dc.on_bad_row,
         cache=dc.cache,
     )
-    train_ex, train_report = render_all(tokenizer, train_convs, **render_kw)
-    eval_ex, eval_report = render_all(tokenizer, eval_convs, **render_kw)
+    train_ex, train_report = render_all(
+        tokenizer, train_convs, desc="tokenising the training set", **render_kw
+    )
+    eval_ex, eval_report = render_all(tokenizer, eval_convs, desc="tokenising the eval set", **render_kw)
     require_examples(train_report, dc)  # a readable refusal when every conversation was dropped
     if cfg.eval.max_eval_examples is not None:
         eval_ex = eval_ex[: cfg.eval.max_eval_examples]
@@ -205,46 +212,19 @@ def plan_steps(cfg: Config, data: TrainingData, resume: bool, sharded: bool, is_
     )
 
 
-def build_model(cfg: Config, model_dir: Path, world: World, sharded: bool) -> ModelSetup:
-    """The model with LoRA (or every weight trainable), checkpointing and compilation decided and applied.
-
-    `sharded`: loaded onto the host in the device's dtype (FSDP then moves each rank's shard). Raises
-    ModelError for a model that cannot load, ChattuneError when compilation finds no decoder layers.
+def build_model(cfg: Config, base: LoadedBase, world: World) -> ModelSetup:
+    """The loaded base (`preload.start_base_load`) with LoRA (or every weight trainable), checkpointing and
+    compilation decided and applied. Raises ChattuneError when compilation finds no decoder layers.
     """
     device = world.device
     import torch
 
-    from chattune.model.attention import (
-        VARLEN,
-        pick_attn_implementation,
-        register_attention,
-        varlen_kernel_ready,
-    )
+    from chattune.model.attention import VARLEN, varlen_kernel_ready
 
     tc, dc = cfg.train, cfg.data
-    if not world.is_main:  # the libraries' progress bars and notices: rank 0 shows them once
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    register_attention()
-    attn = cfg.model.attn_implementation
-    if attn == "auto":
-        attn = pick_attn_implementation(device, tc.packing)
-    offload = tc.offload and device == "cuda"  # on the CPU everything is in host memory already
-    quantized = cfg.model.quantization != "none"
-    use_compile = decide.use_compile(tc, device, quantized)
-    if use_compile:  # the compile workers start while the model loads
-        use_compile_cache()
-        start_compile_workers()
-    if sharded:  # read in the device's dtype onto the host; FSDP then moves each rank's shard to the device
-        dtype = str(pick_dtype(cfg.model.dtype, device)).removeprefix("torch.")
-        model = load_model(
-            model_dir, dataclasses.replace(cfg.model, dtype=dtype), "cpu", attn_implementation=attn
-        )
-    else:  # full fine-tuning: fp32 master weights (methods.training_model_config says why)
-        model_cfg = training_model_config(cfg.model, cfg.lora, offload)
-        model = load_model(model_dir, model_cfg, device, attn_implementation=attn)
+    model, attn, offload, quantized, use_compile = (
+        base.model, base.attn, base.offload, base.quantized, base.use_compile
+    )  # fmt: skip
     model.config.use_cache = False  # a KV cache would let packed documents see each other
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)

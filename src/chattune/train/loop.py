@@ -25,7 +25,7 @@ from chattune.errors import ChattuneError
 from chattune.evaluate.benchmarks import benchmarks_due, score_benchmarks
 from chattune.evaluate.judge import eval_loss, predict_samples, score_predictions
 from chattune.track import Tracker
-from chattune.train.checkpoints import Progress
+from chattune.train.checkpoints import Checkpointer, Progress
 from chattune.train.compiling import eager, mark_doc_count_dynamic
 from chattune.train.records import LoopResult, Optim
 from chattune.train.strategies import Strategy
@@ -271,7 +271,8 @@ def run_steps(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Ctrl-C / SIGTERM: stop at a step boundary with a checkpoint (one process: ranks would disagree).
-    with stop_requests(world.size == 1) as asked:
+    # Leaving (at the end, stopped or failed): the checkpoint being written is waited for.
+    with ckpt.writer.writing(), stop_requests(world.size == 1) as asked:
         for epoch in range(plan.n_epochs):
             windows = plan.windows(epoch)
             stepped, windows_done = False, 0
@@ -295,7 +296,7 @@ def run_steps(
                 if (
                     log_now or save_now or eval_now or stopping
                 ):  # nothing diverged is logged, saved or evaluated
-                    stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
+                    stop_if_nonfinite(unchecked, tc.lr, ckpt)
                 if log_now:
                     loss_mean, grad_norm, tps = meter.read()  # the one host sync of these steps
                     row = {
@@ -320,8 +321,9 @@ def run_steps(
                         ckpt.save(step, progress_so_far(done.progress, meter, t_start, history))
                 if stopping:
                     bar.close()
+                    ckpt.wait()  # the message says it is saved
                     raise Interrupted(asked[0], step, plan.total_steps, ckpt.ckpt_dir)
-            stop_if_nonfinite(unchecked, tc.lr, ckpt.ckpt_dir)
+            stop_if_nonfinite(unchecked, tc.lr, ckpt)
             if stepped:
                 # An epoch cut short (train.max_steps) is named by its step, never as a whole epoch.
                 whole = windows_done == len(windows)
@@ -388,10 +390,11 @@ def stop_requests(enabled: bool):
             signal.signal(s, handler)
 
 
-def stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt_dir: Path) -> None:
+def stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt: Checkpointer) -> None:
     """Stop the run, before anything more is written, when a step's loss or gradient norm was NaN or inf.
 
     `unchecked`: (step, loss, gradient norm) device tensors since the last check, emptied here (one sync).
+    `ckpt`: the checkpoint being written (of an earlier, finite step) is waited for, and the last one named.
     The weights of such a step are broken: nothing after it may become an adapter or a checkpoint.
     """
     if not unchecked:
@@ -404,7 +407,8 @@ def stop_if_nonfinite(unchecked: list[tuple], lr: float, ckpt_dir: Path) -> None
     if not bad:
         return
     step, loss, norm = bad[0]
-    last = sorted(ckpt_dir.glob("step-*"))
+    ckpt.wait(quiet=True)
+    last = sorted(ckpt.ckpt_dir.glob("step-*"))
     resume = (
         f"; {last[-1]} holds the weights of an earlier step: `--resume` with a lower train.lr continues from it"
         if last
