@@ -354,7 +354,7 @@ def test_pre_tokenizer_names_and_refusal(qwen_tokenizer):
 
 
 def test_system_prompt_goes_into_the_template_literally(qwen_tokenizer):
-    from chattune.infer.export_gguf import template_with_system
+    from chattune.render.template import template_with_system
 
     tricky = 'Say "{{ x }}" and {% raw %} \\n, then stop.\nLine two: 你好'
     template = template_with_system(qwen_tokenizer.chat_template, tricky)

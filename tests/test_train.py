@@ -74,6 +74,16 @@ def test_adapter_folder_carries_everything(trained, tiny_model_dir):
     assert config_from_dict(saved).lora.r == 8
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert Path(cfg["base_model_name_or_path"]) == Path(tiny_model_dir)
+    # The folder's own template defaults to the trained system prompt (plain apply_chat_template, no
+    # system turn, renders what training rendered); a conversation with its own system turn is unchanged.
+    from transformers import AutoTokenizer
+
+    tok, base = AutoTokenizer.from_pretrained(adapter), AutoTokenizer.from_pretrained(tiny_model_dir)
+    user = [{"role": "user", "content": "你是谁？"}]
+    own = [{"role": "system", "content": info["system_prompt"]}, *user]
+    assert tok.apply_chat_template(user, tokenize=False) == base.apply_chat_template(own, tokenize=False)
+    other = [{"role": "system", "content": "S"}, *user]
+    assert tok.apply_chat_template(other, tokenize=False) == base.apply_chat_template(other, tokenize=False)
 
 
 def test_only_lora_parameters_trained_and_every_one_changed(trained, tiny_model_dir):

@@ -85,6 +85,7 @@ def export_gguf(model_path: str | Path, output: str | Path, dtype: str = "f16") 
         set_template_kwargs,
         template_default_system,
         template_with_kwargs,
+        template_with_system,
     )
 
     info = read_inference_info(src.path)
@@ -196,22 +197,6 @@ def tokenizer_pre_name(tokenizer) -> str:
     raise ModelError(
         f"this tokenizer splits text with {json.dumps(pre_tok)[:200]}, which has no llama.cpp pre-tokenizer "
         "name known to chattune (gpt-2, smollm, qwen2, llama-bpe); llama.cpp would tokenize differently"
-    )
-
-
-def template_with_system(template: str, system: str | None) -> str:
-    """The Jinja chat template, made to start every conversation that has no system turn with `system`.
-
-    One statement prepended, so the rest of the template (its tools, its generation prompt) is untouched;
-    a template with a default system prompt of its own (Qwen's, SmolLM2's) takes ours instead.
-    """
-    if not system:
-        return template
-    literal = json.dumps(system, ensure_ascii=False)  # a valid Jinja string literal (\n, \", \\)
-    return (
-        "{%- if not (messages and messages[0]['role'] == 'system') %}"
-        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
-        "{%- endif %}\n" + template
     )
 
 

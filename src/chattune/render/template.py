@@ -317,3 +317,44 @@ def template_with_kwargs(template: str, kwargs: dict) -> str:
         literal = "none" if value is None else json.dumps(value, ensure_ascii=False)  # true/false/1.5/"s"
         head += f"{{%- set {name} = {literal} %}}"
     return head + "\n" + template if head else template
+
+
+def template_with_system(template: str, system: str | None) -> str:
+    """The Jinja chat template, made to start every conversation that has no system turn with `system`.
+
+    One statement prepended, so the rest of the template (its tools, its generation prompt) is untouched;
+    a template with a default system prompt of its own (Qwen's, SmolLM2's) takes ours instead.
+    """
+    if not system:
+        return template
+    literal = json.dumps(system, ensure_ascii=False)  # a valid Jinja string literal (\n, \", \\)
+    return (
+        "{%- if not (messages and messages[0]['role'] == 'system') %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{%- endif %}\n" + template
+    )
+
+
+def save_default_system(folder, system: str | None) -> None:
+    """Make the chat template saved in `folder` (a tokenizer's `save_pretrained` output) start every
+    conversation that has no system turn with `system`, the prompt the run trained under.
+
+    So the tutorials' own inference code (`apply_chat_template` on the adapter folder's tokenizer, no system
+    message) renders what training rendered, instead of a template default the run never saw (SmolLM2's
+    "...named SmolLM, trained by Hugging Face"). transformers 5 writes the template to
+    `chat_template.jinja`; older layouts keep it in `tokenizer_config.json` (both handled). A conversation
+    that brings its own system turn renders unchanged. `system` None or empty: nothing changes.
+    """
+    from pathlib import Path
+
+    if not system:
+        return
+    jinja, config = Path(folder) / "chat_template.jinja", Path(folder) / "tokenizer_config.json"
+    if jinja.is_file():
+        jinja.write_text(template_with_system(jinja.read_text(encoding="utf-8"), system), encoding="utf-8")
+        return
+    if config.is_file():
+        tree = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(tree.get("chat_template"), str):
+            tree["chat_template"] = template_with_system(tree["chat_template"], system)
+            config.write_text(json.dumps(tree, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -26,6 +26,7 @@ from chattune.adapter import InferenceInfo, write_inference_info
 from chattune.config.load import dump_config
 from chattune.config.schema import Config
 from chattune.files import atomic_path
+from chattune.render.template import save_default_system
 
 
 def save_adapter(model, folder: Path, state_dict: dict | None = None, initial: dict | None = None) -> None:
@@ -154,5 +155,6 @@ def write_adapter(
         else:
             save_full_model(model, tokenizer, tmp, checkpoint_dtype(facts.model_dir), facts.stop_token_ids)
         tokenizer.save_pretrained(tmp)
+        save_default_system(tmp, cfg.data.system_prompt)  # plain apply_chat_template renders as trained
         (tmp / "chattune.yaml").write_text(dump_config(cfg), encoding="utf-8")
         write_inference_info(tmp, info)
