@@ -143,7 +143,7 @@ def score_choices(
     import torch
 
     from chattune.console import ProgressLines
-    from chattune.infer.graph_decode import _cache_argument  # the forward's name for the KV cache, by version
+    from chattune.infer.graph_decode import cache_argument
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
@@ -179,7 +179,7 @@ def score_choices(
                     attention_mask=torch.cat([mask.repeat_interleave(n, 0), cont_mask], dim=-1),
                     position_ids=start_pos + torch.arange(width, device=mask.device),
                     use_cache=False,
-                    **{_cache_argument(model): cache},
+                    **{cache_argument(model): cache},
                 ).logits.float()  # (B*n, width, V): position t predicts choice token t + 1
                 # Choice token 0 is predicted by the prompt's last position, token t by choice position t-1.
                 pred = torch.cat([first.repeat_interleave(n, 0)[:, None], logits[:, :-1]], dim=1)

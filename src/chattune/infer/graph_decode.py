@@ -76,8 +76,9 @@ def generation_config_of(model):
     return getattr(base, "generation_config", None)
 
 
-def _cache_argument(model) -> str:
-    """The forward's name for the KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+def cache_argument(model) -> str:
+    """The name `model.forward` takes its KV cache under: `cache` from transformers 5.24 on, `past_key_values`
+    before (a peft wrapper is looked through). Returns the keyword, a str."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -131,7 +132,7 @@ def greedy_decode(
     """
     from transformers import StaticCache
 
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + max_new_tokens

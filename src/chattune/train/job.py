@@ -222,9 +222,7 @@ def build_model(cfg: Config, base: LoadedBase, world: World) -> ModelSetup:
     from chattune.model.attention import VARLEN, varlen_kernel_ready
 
     tc, dc = cfg.train, cfg.data
-    model, attn, offload, quantized, use_compile = (
-        base.model, base.attn, base.offload, base.quantized, base.use_compile
-    )  # fmt: skip
+    model = base.model  # LoRA wraps it below
     model.config.use_cache = False  # a KV cache would let packed documents see each other
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
@@ -240,23 +238,23 @@ def build_model(cfg: Config, base: LoadedBase, world: World) -> ModelSetup:
     use_ckpt = decide.use_checkpointing(
         tc,
         device,
-        offload=offload,
-        quantized=quantized,
+        offload=base.offload,
+        quantized=base.quantized,
         memory_tight=lambda: _memory_tight(model, micro_tokens),
     )
     if use_ckpt:
-        _enable_checkpointing(model, by_compiler=use_compile)
+        _enable_checkpointing(model, by_compiler=base.use_compile)
     fixed_packs = decide.use_fixed_packs(
         tc,
-        compiled=use_compile,
-        varlen=attn == VARLEN and varlen_kernel_ready(),
+        compiled=base.use_compile,
+        varlen=base.attn == VARLEN and varlen_kernel_ready(),
         half=pick_dtype(cfg.model.dtype, device) in (torch.bfloat16, torch.float16),
     )
-    if use_compile:
+    if base.use_compile:
         if fixed_packs:  # layer 0 then shares the other layers' graph
             model.enable_input_require_grads()
         compile_layers(decoder_layers(model), static_shapes=fixed_packs)
-    if offload:
+    if base.offload:
         from chattune.train.offload import offload_input_embeddings
 
         if not offload_input_embeddings(model, device):
@@ -268,13 +266,13 @@ def build_model(cfg: Config, base: LoadedBase, world: World) -> ModelSetup:
     # (`loop.forward_context`); full fine-tuning's fp32 weights compute in the same half dtype.
     compute_dtype = pick_dtype(cfg.model.dtype, device)
     half = device == "cuda" and compute_dtype in (torch.bfloat16, torch.float16)
-    ce_chunk_rows = 256 if offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
+    ce_chunk_rows = 256 if base.offload else None  # memory mode: ~150 MB of logits at a time, not ~1 GB
     return ModelSetup(
         model=model,
-        attn=attn,
-        offload=offload,
+        attn=base.attn,
+        offload=base.offload,
         use_ckpt=use_ckpt,
-        use_compile=use_compile,
+        use_compile=base.use_compile,
         fixed_packs=fixed_packs,
         half=half,
         compute_dtype=compute_dtype,
