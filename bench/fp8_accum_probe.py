@@ -4,7 +4,9 @@ For the Qwen2.5-7B linear shapes at 4,096 tokens (random bf16 weights, std 0.02;
 with a few outlier channels, as real residual streams have), the relative error against an fp32 matmul
 of: bf16; e4m3 row-wise scales with and without fast accumulation (torch._scaled_mm); and, emulated in
 fp32 (quantize, de-quantize, fp32 matmul), row-wise vs 1x128 tile-wise activation scales, to separate
-rounding from accumulation. Also the ms of each _scaled_mm variant. GPU only; prints JSON lines.
+rounding from accumulation; and the real 1x128 tile-scaled `_scaled_mm` (both operands, cuBLAS 12.9+ on
+SM90) in each scale layout its second operand might take, to find the one this torch accepts. Also the
+ms of each _scaled_mm variant. GPU only; prints JSON lines.
 """
 
 import json
@@ -12,7 +14,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, ".fp8/src")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
 from chattune.model.fp8 import quantize_rows  # noqa: E402
 
 E4M3_MAX = 448.0
@@ -24,6 +26,33 @@ def quantize_tiles(x, tile=128):
     scale = (t.abs().amax(-1, keepdim=True).clamp(min=1e-12)) / E4M3_MAX
     q = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return (q.float() * scale).reshape(rows, cols)
+
+
+def tiles_q(x, tile=128):
+    """e4m3 (rows, cols) and fp32 scales (rows, cols/128): one scale per 1x128 tile."""
+    rows, cols = x.shape
+    t = x.float().reshape(rows, cols // tile, tile)
+    scale = (t.abs().amax(-1, keepdim=True).clamp(min=1e-12)) / E4M3_MAX
+    q = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(rows, cols), scale.reshape(rows, cols // tile)
+
+
+def tile_mm(xq, xs, wq, ws, layout):
+    """torch._scaled_mm with 1x128 scales on both operands (cuBLAS 12.9+, SM90), in one of the scale
+    layouts the second operand's scales might be wanted in; raises what _scaled_mm raises."""
+    b_scale = {
+        "nk_outer": lambda s: s.t().contiguous().t(),
+        "kn": lambda s: s.t().contiguous(),
+        "kn_outer": lambda s: s.t().contiguous().t().t(),
+    }[layout](ws)
+    return torch._scaled_mm(
+        xq,
+        wq.t(),
+        scale_a=xs.t().contiguous().t(),
+        scale_b=b_scale,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=False,
+    )
 
 
 def rel(y, ref):
@@ -80,4 +109,12 @@ for name, (n_out, k) in shapes.items():
     out["emul_w_only"] = rel(x.float() @ wdq.t(), ref)
     out["emul_rows"] = rel((xq.float() * xs) @ wdq.t(), ref)
     out["emul_tiles128"] = rel(quantize_tiles(x) @ wdq.t(), ref)
+    txq, txs = tiles_q(x)
+    twq, tws = tiles_q(w)
+    for layout in ("nk_outer", "kn", "kn_outer"):
+        try:
+            out[f"fp8_tiles_{layout}"] = rel(tile_mm(txq, txs, twq, tws, layout), ref)
+            out[f"ms_tiles_{layout}"] = round(ms(lambda a=(txq, txs, twq, tws, layout): tile_mm(*a)), 4)
+        except Exception as exc:  # noqa: BLE001 - which layouts this torch build takes is what we ask
+            out[f"fp8_tiles_{layout}"] = f"{type(exc).__name__}: {str(exc)[:120]}"
     print(json.dumps(out), flush=True)
