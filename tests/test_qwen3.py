@@ -207,3 +207,38 @@ def test_consumers_format_as_training_did(tmp_path):
         "reasoning_content": "想想",
     }
     assert answer_message("好。") == {"role": "assistant", "content": "好。"}
+
+
+def test_streamed_reasoning_splits_as_the_whole_answer_does():
+    """`chattune serve`'s stream gives `reasoning_content` deltas, then `content` deltas; cut anywhere, the
+    pieces join to exactly the non-streamed message (tags split across pieces, newlines at the seams)."""
+    from chattune.infer.requests import ReasoningSplitter, answer_message
+
+    texts = [
+        "<think>\n想想\n\n再想\n</think>\n\n好。\n",
+        "\n<think>\nwhy</think>answer",
+        "<think>\n\n</think>\n\n空想之后的回答",
+        "<think>\ncut off by max_tokens\n",  # a thought never closed: all reasoning, no answer
+        "plain answer, <think> later is text",
+        "  <thin is not a tag",
+        "",
+    ]
+    for text in texts:
+        whole = answer_message(text)
+        for cuts in [[], list(range(1, len(text))), [1, 3, 7], [len(text) // 2]]:
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+            splitter = ReasoningSplitter()
+            deltas = [d for p in pieces for d in splitter.feed(p)] + splitter.finish()
+            assert all(len(d) == 1 and next(iter(d.values())) for d in deltas), deltas
+            kinds = [next(iter(d)) for d in deltas]
+            assert kinds == sorted(kinds, key=lambda k: k != "reasoning_content"), (text, kinds)
+            streamed = {"role": "assistant", "content": "".join(d.get("content", "") for d in deltas)}
+            if "reasoning_content" in whole:
+                streamed["reasoning_content"] = "".join(d.get("reasoning_content", "") for d in deltas)
+            assert streamed == whole, (text, cuts)
+    assert answer_message("<think>\ncut off\n") == {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "cut off",
+    }
+    assert answer_message("  <thin is not a tag") == {"role": "assistant", "content": "  <thin is not a tag"}

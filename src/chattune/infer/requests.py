@@ -86,18 +86,81 @@ def message_text(m: ChatMessage, k: int) -> str:
     return "".join(parts)
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ReasoningSplitter:
+    """Splits an answer's text, whole or streamed piece by piece, into reasoning and answer, as vLLM's and
+    SGLang's reasoning parsers return them: a leading `<think>...</think>` block (Qwen3, DeepSeek-R1) goes
+    to `reasoning_content` (newlines at its ends dropped), the rest to `content` (leading newlines
+    dropped). A thought cut off before `</think>` (max_tokens) is all reasoning, `content` empty; text that
+    does not start with `<think>` is all `content`, unchanged.
+
+    `feed(piece)` and then `finish()` return deltas, each `{"reasoning_content": str}` or
+    `{"content": str}` (never empty), in order; joined per key they equal `answer_message(whole text)`.
+    Text that may still turn into a tag (`<thi`, `</th`) or newlines that may end the reasoning are held
+    back until the next piece says which.
+    """
+
+    def __init__(self) -> None:
+        self.state = "start"  # start -> reasoning -> answer, or start -> plain
+        self.held = ""
+        self.lead = True  # still dropping the leading newlines of the current part
+
+    def feed(self, piece: str) -> list[dict[str, str]]:
+        self.held += piece
+        return self._drain(final=False)
+
+    def finish(self) -> list[dict[str, str]]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> list[dict[str, str]]:
+        out: list[dict[str, str]] = []
+        if self.state == "start":
+            head = self.held.lstrip()
+            if head.startswith(THINK_OPEN):
+                self.state, self.held = "reasoning", head[len(THINK_OPEN) :]
+            elif THINK_OPEN.startswith(head) and not final:
+                return out  # nothing yet, or the start of a tag: wait for more
+            else:
+                self.state = "plain"
+        if self.state == "reasoning":
+            if self.lead:
+                self.held = self.held.lstrip("\n")
+                self.lead = not self.held
+            end = self.held.find(THINK_CLOSE)
+            if end >= 0:
+                reasoning, self.held = self.held[:end].rstrip("\n"), self.held[end + len(THINK_CLOSE) :]
+                self.state, self.lead = "answer", True
+            elif final:
+                reasoning, self.held = self.held.rstrip("\n"), ""
+            else:  # hold back what may be the start of `</think>`, and newlines that may end the reasoning
+                keep = next(k for k in range(len(THINK_CLOSE), -1, -1) if self.held.endswith(THINK_CLOSE[:k]))
+                sure = self.held[: len(self.held) - keep]
+                reasoning = sure.rstrip("\n")
+                self.held = self.held[len(reasoning) :]
+            if reasoning:
+                out.append({"reasoning_content": reasoning})
+        if self.state == "answer" and self.lead:
+            self.held = self.held.lstrip("\n")
+            self.lead = not self.held
+        if self.state in ("answer", "plain") and self.held:
+            out.append({"content": self.held})
+            self.held = ""
+        return out
+
+
 def answer_message(text: str) -> dict[str, str]:
-    """The assistant message of a completion: a leading `<think>...</think>` block (Qwen3, DeepSeek-R1)
-    returned as `reasoning_content` beside the answer, as vLLM's and SGLang's reasoning parsers do."""
-    head = text.lstrip()
-    if head.startswith("<think>") and "</think>" in head:
-        reasoning, answer = head[len("<think>") :].split("</think>", 1)
-        return {
-            "role": "assistant",
-            "content": answer.lstrip("\n"),
-            "reasoning_content": reasoning.strip("\n"),
-        }
-    return {"role": "assistant", "content": text}
+    """The assistant message of a whole completion, its reasoning apart (`ReasoningSplitter`):
+    `{"role": "assistant", "content": ...}` plus `"reasoning_content"` when the text starts with `<think>`.
+    """
+    splitter = ReasoningSplitter()
+    deltas = splitter.feed(text) + splitter.finish()
+    content = "".join(d.get("content", "") for d in deltas)
+    if splitter.state == "plain" or splitter.state == "start":
+        return {"role": "assistant", "content": content}
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning}
 
 
 # -- the app --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from chattune.infer.load import Loaded
 from chattune.infer.requests import (
     MAX_BODY_BYTES,
     APIError,
+    ReasoningSplitter,
     answer_message,
     check_api_key,
     prepare_request,
@@ -319,12 +320,16 @@ def _stream_response(
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     async def body() -> AsyncIterator[str]:
+        splitter = ReasoningSplitter()  # reasoning apart, as in the whole answer (`answer_message`)
         try:
             yield chunk({"role": "assistant", "content": ""})
             while (event := await events.get()) is not None:
                 if isinstance(event, str):
-                    yield chunk({"content": event})
+                    for delta in splitter.feed(event):
+                        yield chunk(delta)
                 elif isinstance(event, Completion):
+                    for delta in splitter.finish():
+                        yield chunk(delta)
                     yield chunk({}, event.finish_reason)
                     if include_usage:
                         used = event.completion_tokens
