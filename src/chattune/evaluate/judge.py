@@ -9,7 +9,6 @@ compared on identical prompts, decoding and metrics.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +112,14 @@ def predict_samples(
     attention mask and pad id, and stops each row at the end-of-turn token or `max_new_tokens`. On a
     GPU, rows are decoded by replaying one CUDA graph per token (`decoding.greedy_decode`).
     """
-    from chattune.console import progress_line, say
+    from chattune.console import ProgressLines
     from chattune.infer.generation import generate
 
     if batch_size < 1:
         raise ChattuneError(f"batch_size must be at least 1, got {batch_size}")
     order = sorted(range(len(samples)), key=lambda i: -sum(len(m["content"]) for m in samples[i].messages))
     answers: dict[int, str] = {}
-    t0 = time.monotonic()
+    bar = ProgressLines(len(samples), "eval", enabled=progress)  # `chattune eval`; the trainer says its own
     model = loaded.model
     was_training = model.training
     model.eval()
@@ -130,8 +129,8 @@ def predict_samples(
             msgs = [samples[i].messages for i in chunk]
             outs = generate(loaded, msgs, max_new_tokens=max_new_tokens, temperature=0.0, cuda_graph=True)
             answers.update(zip(chunk, outs, strict=True))
-            if progress:  # `chattune eval` (the trainer's evaluations print their own line)
-                say(f"eval: {progress_line(len(answers), len(samples), t0)}")
+            bar.update(len(chunk))
+        bar.close()
     finally:
         model.train(was_training)
     return [

@@ -5,11 +5,10 @@ written atomically; rows without a prompt are counted and named, never dropped s
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from chattune.console import progress_line, say
+from chattune.console import ProgressLines
 from chattune.errors import ChattuneError, DataError
 from chattune.files import atomic_path
 from chattune.infer.generation import NO_ANSWER, generate
@@ -85,13 +84,14 @@ def predict_file(
     order = sorted(range(len(rows)), key=lambda i: -sum(len(m["content"]) for m in rows[i][0]))
     answers: dict[int, str] = {}
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
-    t0 = time.monotonic()
+    # CPU generation of a few hundred answers takes minutes: show that it moves (a line every 10 s at most)
+    bar = ProgressLines(len(rows), "predict", enabled=progress)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         for i, text in zip(chunk, generate(loaded, [rows[i][0] for i in chunk], **kw), strict=True):
             answers[i] = text
-        if progress:  # CPU generation of a few hundred answers takes minutes: show that it moves
-            say(f"predict: {progress_line(len(answers), len(rows), t0)}")
+        bar.update(len(chunk))
+    bar.close()
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for i, (msgs, ref) in enumerate(rows):
             prompt = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
