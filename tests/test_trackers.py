@@ -181,6 +181,9 @@ def test_resume_continues_each_trackers_run(tmp_path, offline_env) -> None:
     assert tr["metrics"]["train/loss"] == [(1, 2.5), (2, 2.0), (3, 1.5), (4, 1.0)]
     swan = sorted((tmp_path / "swanlog").glob("run-*"))
     assert len(swan) == 2 and all(f.name.endswith(first["swanlab"]) for f in swan)
+    # the upload commands name both halves' folders (each tool's sync takes several)
+    assert f"`wandb sync {folders[0]} {folders[1]}`" in out, out[-2000:]
+    assert f"`swanlab sync {swan[0]} {swan[1]}`" in out, out[-2000:]
 
 
 # -- what stops a run before training ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import shlex
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -279,8 +280,9 @@ def _say_where(backend: _Backend) -> None:
 
     if getattr(backend, "sync_line", None):
         _tell(backend.sync_line)
-    if getattr(backend, "offline", False) and getattr(backend, "sync_dir", None):
-        _tell(f"W&B (offline) run: upload it later with `wandb sync {backend.sync_dir}`")
+    if getattr(backend, "offline", False) and getattr(backend, "sync_dirs", None):
+        folders = " ".join(shlex.quote(str(d)) for d in backend.sync_dirs)
+        _tell(f"W&B (offline) run: upload it later with `wandb sync {folders}`")
     uri = getattr(backend, "uri", None)
     if uri and sqlite_path(uri) is not None:
         _tell(f"MLflow run {backend.run_id}: view with `mlflow ui --backend-store-uri {uri}`")

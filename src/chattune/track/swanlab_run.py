@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
@@ -178,7 +179,10 @@ class SwanLabBackend:
         run_dir = getattr(self._run, "dir", None)
         if self._mode != "offline" or not run_dir:
             return None
-        return f"SwanLab (offline) run: upload it later with `swanlab sync {run_dir}`"
+        # A resumed run logs into a second folder with the same id (run-<time>-<id>): sync needs both.
+        here = Path(run_dir)
+        folders = (sorted(here.parent.glob(f"run-*{self.run_id}")) if self.run_id else []) or [here]
+        return f"SwanLab (offline) run: upload it later with `swanlab sync {' '.join(shlex.quote(str(f)) for f in folders)}`"
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)

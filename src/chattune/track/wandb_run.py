@@ -99,8 +99,10 @@ class WandbBackend:
         self._run = run  # our Run object, not the module-level wandb.log
         self.run_id: str = run.id
         self.offline = offline
-        # files/ sits inside the run's folder (offline-run-<time>-<id>), the one `wandb sync` takes.
-        self.sync_dir = Path(run.dir).parent if offline else None
+        # files/ sits inside the run's folder (offline-run-<time>-<id>), the one `wandb sync` takes; a
+        # resumed run writes a second such folder with the same id, and `wandb sync` needs every one.
+        here = Path(run.dir).parent
+        self.sync_dirs = (sorted(here.parent.glob(f"offline-run-*-{run.id}")) or [here]) if offline else []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
