@@ -64,11 +64,29 @@ def test_unknown_key_in_the_file_names_file_and_key(good_config, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_data_file(good_config, tmp_path, capsys):
+def test_missing_data_file(good_config, tmp_path, capsys, monkeypatch):
+    """Said before the model loads (a 7B takes minutes) and before "writing the run to"."""
+    import chattune.train.job as job
+
+    monkeypatch.setattr(job, "start_base_load", lambda *a, **k: pytest.fail("the model began to load"))
     assert main(["train", str(good_config), f"data.train_path={tmp_path / 'nope.json'}"]) == 2
-    line = one_error_line(capsys)
+    err = capsys.readouterr().err
+    assert "writing the run" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert "nope.json" in line and "not found" in line
     assert not (tmp_path / "out").exists()
+    assert main(["train", str(good_config), f"data.eval_path={tmp_path / 'nope-eval.json'}"]) == 2
+    assert "nope-eval.json" in one_error_line(capsys)
+
+
+def test_overrides_may_follow_a_flag_and_a_typo_shows_the_command_usage(good_config, tmp_path, capsys):
+    assert main(["train", str(good_config), "--gpus", "1", "lora.r=0"]) == 2  # the override was read
+    assert "config key 'lora.r'" in one_error_line(capsys)
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(good_config), "--resme"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: chattune train " in err and "unrecognized arguments: --resme" in err
 
 
 def test_malformed_data_line_names_file_and_line(good_config, tmp_path, capsys):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 def cmd_train(args) -> int:
     from chattune.config.load import load_config
+    from chattune.data import check_sources
 
     cfg = load_config(args.config, args.overrides)  # a config mistake is reported once, before any launch
+    check_sources(cfg.data)  # so is a data path that names nothing
     # Paths the config reads are relative to it; train.output_dir, an output, to the working directory.
     where = Path(cfg.train.output_dir).expanduser().resolve()
     print(f"chattune train: writing the run to {where}", file=sys.stderr, flush=True)

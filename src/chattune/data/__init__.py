@@ -22,6 +22,7 @@ from chattune.data.formats import (
 from chattune.data.sources import Source, read_records
 from chattune.data.splits import (
     ReadReport,
+    check_sources,
     conversation_key,
     read_conversations,
     read_splits,
@@ -39,6 +40,7 @@ __all__ = [
     "ReadReport",
     "Source",
     "BadRow",
+    "check_sources",
     "conversation_key",
     "detect_format",
     "read_conversations",

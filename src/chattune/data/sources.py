@@ -260,20 +260,37 @@ def _read_hub(hub: str, dataset_id: str, source: Source) -> Iterator[tuple[int, 
     yield from _iter_dataset(ds, spec, source)
 
 
+_HUB_PREFIXES = (("hf:", "huggingface"), ("ms:", "modelscope"), ("modelscope:", "modelscope"))
+
+
+def source_kind(spec: str) -> str:
+    """What a data source names: "file", "dir" (a saved dataset) or "hub" (a dataset id, fetched when
+    read). Raises DataError naming it when it is none of them (a local path that does not exist): the
+    check `chattune train` makes before the model loads, and the one `read_records` makes."""
+    if any(spec.startswith(prefix) for prefix, _ in _HUB_PREFIXES):
+        return "hub"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "dir"
+    if _HUB_ID.match(spec) and path.suffix.lower() not in FILE_SUFFIXES:
+        return "hub"
+    raise DataError(spec, None, "file not found; check data.train_path / data.eval_path")
+
+
 def read_records(source: str | Path | Source) -> Iterator[tuple[int, Any]]:
     """Yield (line or row, record-or-BadRow) from any supported source."""
     src = source if isinstance(source, Source) else Source(str(source))
     spec = src.spec
-    for prefix, hub in (("hf:", "huggingface"), ("ms:", "modelscope"), ("modelscope:", "modelscope")):
+    for prefix, hub in _HUB_PREFIXES:
         if spec.startswith(prefix):
             yield from _read_hub(hub, spec[len(prefix) :], src)
             return
-    path = Path(spec).expanduser()
-    if path.is_file():
-        yield from _read_file(path, src)
-    elif path.is_dir():
-        yield from _read_saved_dataset(path, src)
-    elif _HUB_ID.match(spec) and path.suffix.lower() not in FILE_SUFFIXES:
-        yield from _read_hub("huggingface", spec, src)
+    kind = source_kind(spec)
+    if kind == "file":
+        yield from _read_file(Path(spec).expanduser(), src)
+    elif kind == "dir":
+        yield from _read_saved_dataset(Path(spec).expanduser(), src)
     else:
-        raise DataError(spec, None, "file not found; check data.train_path / data.eval_path")
+        yield from _read_hub("huggingface", spec, src)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chattune.data.formats import BadRow, Conversation, to_messages
-from chattune.data.sources import Source, read_records
+from chattune.data.sources import Source, read_records, source_kind
 from chattune.errors import ConfigError, DataError
 
 
@@ -164,13 +164,23 @@ def _converters_for(dc, n_sources: int, key: str) -> list:
     )
 
 
+def check_sources(dc) -> None:
+    """Before anything slow (the model's load): every `data.train_path` / `data.eval_path` source is given
+    and names a file, a saved dataset or a dataset id (`sources.source_kind`). Raises DataError naming the
+    key or the path; a dataset id is only fetched, and so only checked, when the data is read."""
+    sources = _as_list(dc.train_path)
+    if not sources or not all(sources):
+        raise DataError("data.train_path", None, "empty: give a data file, a saved dataset or a dataset id")
+    for spec in [*sources, *_as_list(dc.eval_path or [])]:
+        source_kind(str(spec))
+
+
 def read_splits(
     dc, seed: int
 ) -> tuple[list[Conversation], list[Conversation], ReadReport, ReadReport | None]:
     """Train and eval conversations for a `DataConfig`: eval from its own sources or split off by ratio."""
+    check_sources(dc)
     sources = _as_list(dc.train_path)
-    if not sources or not all(sources):
-        raise DataError("data.train_path", None, "empty: give a data file, a saved dataset or a dataset id")
     placeholders = {"name": dc.identity_name, "author": dc.identity_author}
     read_kw = dict(
         fmt=dc.format,

@@ -24,7 +24,7 @@ from pathlib import Path
 from chattune.config.checks import check_run_dir_unused
 from chattune.config.schema import Config
 from chattune.console import say_once
-from chattune.data import read_splits
+from chattune.data import check_sources, read_splits
 from chattune.errors import ConfigError
 from chattune.evaluate.benchmarks import read_benchmark_configs
 from chattune.evaluate.judge import build_samples, read_samples
@@ -57,6 +57,7 @@ def run(cfg: Config, *, resume: bool = False) -> Path:
     """
     t_start = time.time()
     world = check_run(cfg, resume)
+    check_sources(cfg.data)  # a mistyped data path is said now, not after the model has loaded
     sharded = strategy_for(world, cfg.train.distributed).sharded  # the weights split over ranks (fsdp)
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.source, cfg.model.revision)
     world = dataclasses.replace(world, device=pick_device(cfg.train.device))
