@@ -207,7 +207,7 @@ def test_cli_compare(two_runs, tmp_path, capsys):
     assert "missing: not a directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
-    assert "holds no config.yaml" in capsys.readouterr().err
+    assert "holds none of config.yaml" in capsys.readouterr().err
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -150,6 +150,7 @@ def test_almost_empty_run_dir(tmp_path: Path) -> None:
 
 
 def test_no_files_at_all_and_no_eval(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("", encoding="utf-8")  # a run that stopped as it began
     html_path, _ = write_report(tmp_path)
     page = html_path.read_text(encoding="utf-8")
     assert _images(page) == []
@@ -173,8 +174,12 @@ def test_stale_images_removed(run_dir: Path) -> None:
 
 
 def test_missing_run_dir(tmp_path: Path) -> None:
-    with pytest.raises(ChattuneError, match="not a run directory"):
+    with pytest.raises(ChattuneError, match="not a directory"):
         write_report(tmp_path / "nope")
+    (tmp_path / "data.json").write_text("[]", encoding="utf-8")  # a folder, but not a run's
+    with pytest.raises(ChattuneError, match="is it a run's train.output_dir"):
+        write_report(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["data.json"]  # nothing written into it
 
 
 class _Structure(HTMLParser):

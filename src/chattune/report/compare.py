@@ -35,6 +35,7 @@ from chattune.report.reader import (
     BASELINE_TAG,
     NOT_RECORDED,
     RunRecord,
+    check_run_dir,
     is_number,
     last_non_baseline,
     param_counts,
@@ -103,12 +104,7 @@ def write_compare(
 
 
 def _load(run_dir: Path, index: int) -> _Compared:
-    if not run_dir.is_dir():
-        raise ChattuneError(f"{run_dir}: not a directory (expected a training run's output folder)")
-    if not any((run_dir / name).is_file() for name in ("config.yaml", "metrics.jsonl", "summary.json")):
-        raise ChattuneError(
-            f"{run_dir}: holds no config.yaml, metrics.jsonl or summary.json; is it a run's train.output_dir?"
-        )
+    check_run_dir(run_dir)
     run = read_run(run_dir)
     config: dict[str, Any] = {}
     if run.config_text is not None:

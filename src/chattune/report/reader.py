@@ -60,6 +60,20 @@ def read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "predictions.jsonl")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a folder that is not a training run's output folder (none of `RUN_FILES` in it), before a
+    report or a comparison is written into or about it. Raises ChattuneError naming the folder."""
+    if not run_dir.is_dir():
+        raise ChattuneError(f"{run_dir}: not a directory (expected a training run's output folder)")
+    if not any((run_dir / name).is_file() for name in RUN_FILES):
+        raise ChattuneError(
+            f"{run_dir}: holds none of {', '.join(RUN_FILES)}; is it a run's train.output_dir?"
+        )
+
+
 def read_run(run_dir: Path) -> RunRecord:
     run = RunRecord()
     config = run_dir / "config.yaml"

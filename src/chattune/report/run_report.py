@@ -12,7 +12,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-from chattune.errors import ChattuneError
 from chattune.report.blocks import (
     CJK_FONTS,
     NOT_SET,
@@ -31,6 +30,7 @@ from chattune.report.reader import (
     BASELINE_TAG,
     NOT_RECORDED,
     RunRecord,
+    check_run_dir,
     is_number,
     last_non_baseline,
     read_run,
@@ -46,8 +46,7 @@ def write_report(run_dir: Path, *, max_predictions: int = 50) -> tuple[Path, Pat
     `max_predictions` caps the side-by-side answers shown (the files keep them all).
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ChattuneError(f"{run_dir}: not a run directory (expected the output folder of a training run)")
+    check_run_dir(run_dir)
     run = read_run(run_dir)
     sections = _build_sections(run, max_predictions)
     title = f"chattune report: {run_dir.name}"
