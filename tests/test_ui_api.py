@@ -129,6 +129,8 @@ def test_bad_requests_are_4xx_with_a_message(client):
     assert r.status_code == 422 and r.json()["field"] == "train.lr"
     r = client.post("/api/config/from-yaml", json={"text": "train: {lr: 3e-4, max_steps: 7}"})
     assert r.json()["values"] == {"train.lr": "3e-4", "train.max_steps": "7"}
+    r = client.post("/api/config/from-yaml", json={"text": "train:\n  lr: 1\n  lr: 2\n"})
+    assert r.status_code == 422 and "given twice" in r.json()["error"], r.json()  # as `chattune train` says
     assert client.delete("/api/runs").status_code == 405
     for r in (client.get("/api/runs/nothing/events"), client.post("/api/runs/nothing/stop")):
         assert r.status_code == 404 and "nothing" in r.json()["error"]

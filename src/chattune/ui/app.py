@@ -182,10 +182,14 @@ def build_app(
         text = (await _json_body(request)).get("text")
         if not isinstance(text, str):
             raise HTTPProblem(422, "text: expected the YAML file's text", "text")
+        from chattune.config.load import read_yaml  # what `chattune train` reads: a key twice is refused
+
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = read_yaml(text) or {}
         except yaml.YAMLError as e:
             raise HTTPProblem(422, f"(file): not valid YAML: {getattr(e, 'problem', e)}", "(file)") from None
+        except RecursionError:
+            raise HTTPProblem(422, "(file): nested too deeply to be a config", "(file)") from None
         if not isinstance(tree, dict):
             raise HTTPProblem(422, "(file): the top level must be a mapping of sections", "(file)")
         from chattune.config.load import config_from_dict
