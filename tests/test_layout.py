@@ -13,7 +13,14 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "chattune"
 
 # Each stage may import itself and the stages before it (README, "Where things are").
 STAGES = [
-    {"chattune", "chattune.errors", "chattune.paths", "chattune.files", "chattune.console"},  # leaves
+    {
+        "chattune",
+        "chattune.errors",
+        "chattune.paths",
+        "chattune.files",
+        "chattune.console",
+        "chattune.local_server",
+    },  # leaves
     {"chattune.config"},
     {"chattune.adapter"},
     {"chattune.data"},
@@ -28,7 +35,7 @@ STAGES = [
     {"chattune.cli", "chattune.__main__"},  # cli/__main__.py is part of chattune.cli
 ]
 TOP_LEVEL = {
-    "__init__.py", "__main__.py", "errors.py", "paths.py", "files.py", "console.py",
+    "__init__.py", "__main__.py", "errors.py", "paths.py", "files.py", "console.py", "local_server.py",
     "adapter.py", "track.py", "sweep.py", "demo.py",
 }  # fmt: skip
 MAX_LINES = 460  # "about 450 lines" (issue 23); config/schema.py is at 453 with every field documented

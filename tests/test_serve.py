@@ -260,6 +260,31 @@ def test_full_queue_answers_503(loaded):
         assert _post(f"{url}/v1/chat/completions", body, key=None)[0] == 200
 
 
+def test_pages_of_other_sites_and_rebound_hosts_are_refused(loaded):
+    """A web page cannot make a loopback `serve` generate (a text/plain POST needs no CORS preflight) nor
+    read it through DNS rebinding; curl and the SDKs (no Origin, Host 127.0.0.1) are served as before."""
+    from chattune.infer.serve import build_app
+    from chattune.local_server import LOOPBACK
+
+    body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    with serving(build_app(loaded, allowed_hosts=LOOPBACK)) as url:
+        port = url.rsplit(":", 1)[1]
+        post = f"POST /v1/chat/completions HTTP/1.1\nContent-Length: {len(body)}\nConnection: close\n"
+        for head in [
+            f"{post}Host: 127.0.0.1:{port}\nOrigin: http://evil.example\nContent-Type: text/plain\n",
+            f"{post}Host: evil.example:{port}\nContent-Type: application/json\n",
+            f"GET /v1/models HTTP/1.1\nHost: rebound.example:{port}\nConnection: close\n",
+        ]:
+            status, reply = _raw(url, head, body if head.startswith("POST") else b"")
+            assert status == 403 and "error" in json.loads(reply), (head, reply)
+        status, reply = _raw(url, f"{post}Host: 127.0.0.1:{port}\nContent-Type: application/json\n", body)
+        assert status == 200 and json.loads(reply)["choices"][0]["message"]["content"] == _expected(
+            loaded, HELLO, 2
+        )
+        same_site = f"{post}Host: localhost:{port}\nOrigin: http://localhost:{port}\n"
+        assert _raw(url, same_site + "Content-Type: application/json\n", body)[0] == 200
+
+
 def test_several_adapters_over_one_base(tiny_model_dir, qwen_tokenizer, tmp_path):
     from dataclasses import replace
 

@@ -48,6 +48,7 @@ from chattune.infer.requests import (
     check_api_key,
     prepare_request,
 )
+from chattune.local_server import LOOPBACK, cross_site_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +216,13 @@ def build_app(
     max_batch: int = 8,
     default_max_tokens: int = 512,
     max_body_bytes: int = MAX_BODY_BYTES,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> FastAPI:
     """The ASGI app; the generation worker runs while the app is being served (its lifespan).
 
-    `max_body_bytes`: larger request bodies are refused with 413 before they are read whole."""
+    `max_body_bytes`: larger request bodies are refused with 413 before they are read whole.
+    `allowed_hosts`: Host names served (`run_server` gives `LOOPBACK` when bound to loopback; empty: any);
+    another site's page posting here is refused (403) either way (`local_server.cross_site_refusal`)."""
     by_name = {m.name: m for m in (models if isinstance(models, list) else [models])}
     for m in by_name.values():  # settle the tokenizer's padding settings before two threads use it
         count_tokens(m, "")
@@ -233,6 +237,8 @@ def build_app(
 
     app = FastAPI(title="chattune", lifespan=lifespan)
     app.state.worker = worker
+
+    app.add_middleware(_CrossSiteGuard, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -297,6 +303,26 @@ def build_app(
         return {**meta, "object": "chat.completion", "choices": choices, "usage": usage}
 
     return app
+
+
+class _CrossSiteGuard:
+    """`local_server.cross_site_refusal` as plain ASGI middleware: a 403 before the app sees the request.
+    (Not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware hides a client's disconnect from the
+    endpoint, and a client that leaves must stop its generation.)"""
+
+    def __init__(self, app: Any, allowed_hosts: tuple[str, ...]):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = cross_site_refusal(
+                scope["method"], headers.get("host"), headers.get("origin"), self.allowed_hosts
+            )
+            if refusal:
+                await APIError(403, refusal).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _stream_response(
@@ -396,7 +422,7 @@ def run_server(
         return run_vllm(paths, host, port, api_key)
     if engine != "transformers":
         raise ChattuneError(f"--engine {engine}: use transformers (default) or vllm")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK and not api_key:
         say(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     if len(paths) == 1:
         models: Loaded | list[Loaded] = load_for_inference(
@@ -413,6 +439,7 @@ def run_server(
         max_batch=max_batch,
         default_max_tokens=default_max_tokens,
         max_body_bytes=max_body_bytes,
+        allowed_hosts=LOOPBACK if host in LOOPBACK else (),
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

@@ -18,7 +18,6 @@ import re
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml
 from fastapi import FastAPI, Request
@@ -28,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
 from chattune.files import atomic_path
+from chattune.local_server import LOOPBACK, cross_site_refusal
 from chattune.ui import launch, runs, schema
 from chattune.ui.live import event_stream, first_or_error, sse_pieces
 
@@ -37,7 +37,6 @@ CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 UPLOAD_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # what data.train_path reads as a file
 UPLOAD_NAME = re.compile(r"[\w\u4e00-\u9fff][\w\u4e00-\u9fff .+-]{0,150}")  # a plain file name, CJK allowed
 MAX_UPLOAD_BYTES = 1024 * 2**20
@@ -87,16 +86,10 @@ def build_app(
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
-        if allowed_hosts and host not in allowed_hosts:
-            return _problem(403, f"Host {host!r} is not served here (open the URL `chattune ui` printed)")
-        origin = request.headers.get("origin")
-        if (
-            request.method not in ("GET", "HEAD")
-            and origin
-            and urlsplit(origin).netloc != request.headers.get("host")
-        ):
-            return _problem(403, "a request from another site's page is refused")
+        h = request.headers
+        refusal = cross_site_refusal(request.method, h.get("host"), h.get("origin"), allowed_hosts)
+        if refusal:
+            return _problem(403, refusal)
         set_cookie = False
         if api_key is not None:
             given = request.headers.get("authorization", "").removeprefix("Bearer ")
