@@ -262,6 +262,16 @@ def test_resume_past_the_end_is_refused(full, tiny_model_dir, data, tmp_path):
         run(cfg_of(tiny_model_dir, data, out, max_steps=6), resume=True)
 
 
+def test_resume_of_a_finished_run_trains_nothing_again(full, tiny_model_dir, data, tmp_path):
+    """Its last checkpoint (step 8 of 10) is no reason to train steps 9-10 again over the finished adapter."""
+    out = tmp_path / "run"
+    shutil.copytree(full, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ChattuneError, match=r"holds a finished run \(10 steps; .* nothing left to train"):
+        run(cfg_of(tiny_model_dir, data, out), resume=True)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
 # -- damaged checkpoints ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damage", ["empty", "truncated", "no_weights"])
 def test_damaged_checkpoint_falls_back_to_the_previous_one(

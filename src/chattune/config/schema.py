@@ -273,7 +273,8 @@ class TrainConfig:
     logging_steps: int = 10
     """Log `train/loss`, `train/lr`, `train/grad_norm` and `train/tokens_per_s` every N optimizer steps."""
     save_steps: int | None = None
-    """Save a checkpoint every N optimizer steps (and always at the end)."""
+    """Save a checkpoint (adapter + optimizer state, for `--resume`) every N optimizer steps before the
+    last; the last step writes the run's adapter instead."""
     eval_steps: int | None = None
     """Evaluate every N optimizer steps in addition to the end of each epoch."""
     seed: int = 42

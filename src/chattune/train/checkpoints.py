@@ -251,6 +251,13 @@ def find_resume_point(
         return None
     folder, state = found
     step, where = int(state["step"]), f"--resume: {folder}"
+    finished = _finished_steps(out_dir)
+    if finished is not None and finished >= total_steps:  # resuming would train its last steps again
+        raise ChattuneError(
+            f"--resume: {out_dir} holds a finished run ({finished} steps; this config ends at step "
+            f"{total_steps}): nothing left to train; use {out_dir / 'adapter'}, raise train.epochs or "
+            "train.max_steps to train on, or train into a new train.output_dir"
+        )
     if sharded != ("sharded_lora" in state):
         raise ConfigError(
             "train.distributed",
@@ -277,6 +284,15 @@ def find_resume_point(
     if accepted and is_main:
         say(f"note: changed since {folder.name}, in effect from step {step + 1}: {'; '.join(accepted)}")
     return found
+
+
+def _finished_steps(out_dir: Path) -> int | None:
+    """The steps of the finished run in `out_dir` (its summary.json), or None when it has not finished."""
+    try:
+        steps = json.loads((out_dir / "summary.json").read_text(encoding="utf-8")).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 # -- saving and restoring ---------------------------------------------------------------------------------------
