@@ -167,6 +167,17 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server, client, l
     assert status == 400 and body["error"]["param"].startswith("messages")
     status, _ = _post(url, json.dumps({"model": loaded.name, "messages": HELLO, "temperature": -1}).encode())
     assert status == 400
+    for extra, param in [
+        ({"max_tokens": True}, "max_tokens"),  # not taken as 1
+        ({"max_tokens": "5"}, "max_tokens"),  # nor as 5
+        ({"stream": 1}, "stream"),
+        ({"messages": [{"role": "user"}]}, "messages[0]"),  # an empty turn, as training refuses it
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),  # no `.str` in the path
+    ]:
+        status, body = _post(url, json.dumps({"model": loaded.name, "messages": HELLO, **extra}).encode())
+        assert status == 400 and body["error"]["param"] == param, (extra, body)
+    status, body = _post(url, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
+    assert status == 400 and "finite" in body["error"]["message"]
 
     long_text = "word " * 600  # the tiny model attends to 512 positions
     with pytest.raises(openai.BadRequestError) as e:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from chattune.errors import ChattuneError
 from chattune.infer.generation import build_prompt, count_tokens, default_sampling
@@ -57,15 +57,16 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[ChatMessage]
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)  # newer clients' name for max_tokens
+    # Numbers as JSON numbers, flags as true/false: "5" or true for max_tokens is a client's bug, said.
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: StrictInt | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=2**31 - 1)  # newer clients' max_tokens
     stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.manual_seed takes, as OpenAI's int64
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)  # what torch.manual_seed takes (OpenAI's int64)
     # Accepted only in their "off" form: a client that asks for tool calls or logprobs must not get a
     # plain answer that silently lacks them.
     tools: list[dict[str, Any]] | None = None
@@ -196,6 +197,18 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _field_path(loc: tuple) -> str:
+    """pydantic's error location as the request's own path, `messages[0].content`: without the names of
+    the union member it tried (`str`, `list[dict[str,any]]`), which are not fields of the request."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict", "none"):
+            path += f".{part}" if path else part
+    return path or "request"
+
+
 def parse_request(body: bytes) -> ChatRequest:
     try:
         data = json.loads(body)
@@ -214,7 +227,7 @@ def parse_request(body: bytes) -> ChatRequest:
         return ChatRequest.model_validate(data)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(x) for x in err["loc"]) or "request"
+        where = _field_path(err["loc"])
         raise APIError(400, f"{where}: {err['msg']}", param=where) from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
@@ -250,6 +263,9 @@ def prepare_request(
         raise APIError(400, "tools (function calling) are not supported by chattune serve", param="tools")
     if req.logprobs:
         raise APIError(400, "logprobs are not supported by chattune serve", param="logprobs")
+    for k, m in enumerate(req.messages):
+        if m.content is None and m.role != "assistant":  # training refuses an empty turn just the same
+            raise APIError(400, f"messages[{k}]: a {m.role} message needs content", param=f"messages[{k}]")
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, k)}
         | ({"reasoning_content": m.reasoning_content} if m.reasoning_content is not None else {})
