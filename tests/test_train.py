@@ -143,8 +143,9 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, huanhuan_slic
     run(cfg)
     full = [r for r in read_metrics(out) if "train/loss" in r]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000008"]  # only the last is kept
-    # What a crash right after step 8 would have left: no adapter, metrics up to step 8.
+    # What a crash right after step 8 would have left: no adapter, no summary, metrics up to step 8.
     shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
     kept = [
         line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8
     ]

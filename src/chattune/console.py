@@ -29,6 +29,11 @@ def say_once(msg: str) -> None:
         say(msg)
 
 
+def tally(counts: dict[str, int]) -> str:
+    """ "2 empty user turn, 1 too long": a count per reason, largest first (for rows skipped or dropped)."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def progress_line(done: int, total: int, t0: float, what: str = "answered") -> str:
     """ "12/40 answered (30 s, 0.40/s, about 70 s left)": work done, elapsed since `t0` (time.monotonic),
     rate (records per second) and estimated time left at that rate; `what` names the records' state."""

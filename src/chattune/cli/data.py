@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from chattune.console import say
+from chattune.console import say, tally
 from chattune.render.preflight import preflight, require_examples
 from chattune.render.stats import format_stats, length_table, write_histogram_png
 
@@ -221,7 +221,7 @@ def cmd_convert(args) -> int:
     tmp.replace(out)
     skipped = sum(report.skipped.values())
     say(
-        f"wrote {len(records)} records to {out} ({report.rows} read, {skipped} skipped {dict(report.skipped) or ''})"
+        f"wrote {len(records)} records to {out} ({report.rows} read, {skipped} skipped{f' ({tally(report.skipped)})' if report.skipped else ''})"
     )
     return 0
 

@@ -116,6 +116,8 @@ def _show(value: Any) -> str:
 def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"  # YAML's word for it (or leave the key out)
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
@@ -202,9 +204,9 @@ def _build(cls: type, values: Any, prefix: str, path: str | None) -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean '{near[0]}'? " if near else ""
+            hint = f"; did you mean '{near[0]}'?" if near else ""
             known = ", ".join(sorted(names))
-            raise ConfigError(full, f"unknown key; {hint}(known keys here: {known})", path)
+            raise ConfigError(full, f"unknown key{hint} (known keys here: {known})", path)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, full, path)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from chattune.console import tally
 from chattune.data.formats import BadRow, Conversation, to_messages
 from chattune.data.sources import Source, read_records, source_kind
 from chattune.errors import ConfigError, DataError
@@ -100,7 +101,7 @@ def read_conversations(
             what = "the source is empty: check the path, or that the file was written completely"
         else:  # every row was skipped (data.on_bad_row: skip), each for the reason counted here
             what = (
-                f"all {report.rows} rows were skipped: {dict(report.skipped)}; fix those rows, or check "
+                f"all {report.rows} rows were skipped ({tally(report.skipped)}); fix those rows, or check "
                 "data.format / data.converter match the file's fields"
             )
         raise DataError(source.spec, None, f"no usable records: {what}")

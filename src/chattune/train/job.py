@@ -23,7 +23,7 @@ from pathlib import Path
 
 from chattune.config.checks import check_run_dir_unused
 from chattune.config.schema import Config
-from chattune.console import say_once
+from chattune.console import say_once, tally
 from chattune.data import check_sources, read_splits
 from chattune.errors import ConfigError
 from chattune.evaluate.benchmarks import read_benchmark_configs
@@ -178,11 +178,12 @@ def read_and_render(cfg: Config, world: World, model_dir: Path) -> TrainingData:
     else:
         samples = build_samples(eval_convs, cfg.eval.samples)
     skipped, dropped = read_report.skipped, train_report.dropped
+    sources = dc.train_path if isinstance(dc.train_path, str) else ", ".join(dc.train_path)
     say_once(
-        f"data: {read_report.rows} rows read from {dc.train_path}, {sum(skipped.values())} skipped"
-        f"{f' {dict(skipped)}' if skipped else ''}; {len(train_ex)} train / {len(eval_ex)} eval examples; "
+        f"data: {read_report.rows} rows read from {sources}, {sum(skipped.values())} skipped"
+        f"{f' ({tally(skipped)})' if skipped else ''}; {len(train_ex)} train / {len(eval_ex)} eval examples; "
         f"{train_report.truncated} truncated to {dc.max_len} tokens, {sum(dropped.values())} dropped"
-        f"{f' {dict(dropped)}' if dropped else ''}"
+        f"{f' ({tally(dropped)})' if dropped else ''}"
     )
     benchmarks = read_benchmark_configs(cfg.eval.benchmarks)  # a bad file stops the run here, not later
     return TrainingData(
@@ -377,7 +378,8 @@ def describe(cfg: Config, built: ModelSetup, plan: Plan, world: World) -> str:
         f"{'on' if built.use_compile else 'off'}{', memory mode (offload)' if built.offload else ''}"
         f"{', fp8 base matmuls' if tc.precision == 'fp8' else ''}); "
         f"{'LoRA' if cfg.lora.enabled else 'full fine-tuning'} trains {built.n_trainable:,} of "
-        f"{built.n_total:,} parameters; {plan.total_steps} optimizer steps over {plan.n_epochs} epoch(s)"
+        f"{built.n_total:,} parameters; {plan.total_steps} optimizer step"
+        f"{'s' if plan.total_steps != 1 else ''} over {plan.n_epochs} epoch(s)"
         + (f"; {world.size} processes share each step ({tc.distributed})" if world.size > 1 else "")
     )
 
