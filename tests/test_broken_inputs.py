@@ -388,8 +388,11 @@ CLI = [
     (["serve"], None),
     (["serve", "x", "--port", "abc"], None),
     (["serve", "x", "--port", "70000"], "--port"),
-    (["serve", "x", "--max-queue", "0"], "--max-queue"),
-    (["serve", "x", "--max-batch", "-1"], "--max-batch"),
+    (["serve", "x", "--max-queue", "0"], None),  # counts: argparse refuses them, before any model loads
+    (["serve", "x", "--max-batch", "-1"], None),
+    (["predict", "x", "--input", "i", "--output", "o", "--batch-size", "0"], None),
+    (["predict", "x", "--input", "i", "--output", "o", "--max-new-tokens", "-4"], None),
+    (["data", "preview", "c.yaml", "-n", "-2"], None),
     (["serve", "x", "--max-body-mb", "0"], "--max-body-mb"),
     (["serve", "{tmp}/missing"], "does not exist"),
     (["chat", "{tmp}/missing"], "does not exist"),
@@ -440,6 +443,8 @@ def test_broken_command_line(tmp_path, capsys, argv, reason):
         assert "Traceback" not in err and "error:" in err
         if any(a.startswith(("--temperature", "--max-body-mb")) for a in argv):
             assert "finite number" in err, err
+        if any(a in ("--max-queue", "--max-batch", "--batch-size", "--max-new-tokens", "-n") for a in argv):
+            assert "must be at least 1" in err and f"usage: chattune {argv[0]}" in err, err
     else:
         before = (tmp_path / "in.jsonl").read_bytes()
         assert main(argv) == 2

@@ -228,6 +228,8 @@ def cmd_convert(args) -> int:
 
 def add_data_parser(sub) -> None:
     """Add the `data` subcommand group to the CLI's subparsers."""
+    from chattune.cli.parser import positive_int  # here: parser imports this module
+
     d = sub.add_parser("data", help="convert, check, inspect and preview training data")
     dsub = d.add_subparsers(dest="data_command", required=True)
 
@@ -238,7 +240,7 @@ def add_data_parser(sub) -> None:
         return p
 
     c = with_config("check", "pre-flight: render through the training path and apply_chat_template, compare")
-    c.add_argument("--sample", type=int, default=64, help="conversations compared (default 64)")
+    c.add_argument("--sample", type=positive_int, default=64, help="conversations compared (default 64)")
     c.add_argument("--all", action="store_true", help="compare every training conversation")
     c.set_defaults(func=cmd_check)
 
@@ -248,7 +250,7 @@ def add_data_parser(sub) -> None:
     s.set_defaults(func=cmd_stats)
 
     p = with_config("preview", "rendered examples with the trained tokens highlighted")
-    p.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+    p.add_argument("-n", type=positive_int, default=3, help="examples to show (default 3)")
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--json", action="store_true", help="one JSON object per example: input_ids, labels")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")

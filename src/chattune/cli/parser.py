@@ -26,6 +26,17 @@ from chattune.errors import ChattuneError
 from chattune.ui import add_ui_parser  # light: the web app loads when `chattune ui` runs
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count, a batch, a token budget), refused before any model loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number >= 0. `float()` reads 'nan' and 'inf'; a NaN temperature decodes
     greedily and an infinite one samples noise, both exiting 0, and `--max-body-mb inf` overflows later."""
@@ -83,7 +94,7 @@ def _add_training(sub) -> None:
     )
     t.add_argument(
         "--gpus",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="train data-parallel in N processes, one per GPU of this machine (starts torchrun for you; "
@@ -112,7 +123,7 @@ def _add_using(sub) -> None:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("model", help=MODEL_HELP)
         c.add_argument("--device", default="auto")
-        c.add_argument("--max-new-tokens", type=int, default=256)
+        c.add_argument("--max-new-tokens", type=positive_int, default=256)
         default_t = "the model's generation_config (greedy when it does not sample)"
         c.add_argument(
             "--temperature",
@@ -127,7 +138,7 @@ def _add_using(sub) -> None:
                 "--input", required=True, help=".jsonl/.json of {messages} or {instruction, input}"
             )
             c.add_argument("--output", required=True, help="output .jsonl")
-            c.add_argument("--batch-size", type=int, default=8)
+            c.add_argument("--batch-size", type=positive_int, default=8)
         add_trust_flag(c)
         c.set_defaults(func=cmd_chat if name == "chat" else cmd_predict)
 
@@ -138,16 +149,16 @@ def _add_evaluating(sub) -> None:
     e.add_argument("model", help=MODEL_HELP)
     e.add_argument("--data", required=True, help="data file (.json/.jsonl), records with reference answers")
     e.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
-    e.add_argument("--samples", type=int, default=None, help="evaluate only the first N records")
+    e.add_argument("--samples", type=positive_int, default=None, help="evaluate only the first N records")
     e.add_argument("--task", choices=["generation", "classification"], default="generation")
     e.add_argument("--metrics", default=None, help="comma-separated metric names (default: per task)")
     e.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="default: 256; with --task classification, the longest label's tokens + 8",
     )
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
     e.add_argument(
         "--columns",
@@ -177,7 +188,9 @@ def _add_evaluating(sub) -> None:
     b.add_argument("--subjects", default=None, help="comma-separated subjects (default: all)")
     b.add_argument("--shots", type=int, default=0, help="dev examples before each question (k-shot)")
     b.add_argument("--split", default=None, help="default: C-Eval val, CMMLU test, MMLU test")
-    b.add_argument("--max-questions", type=int, default=None, help="the first N questions of each subject")
+    b.add_argument(
+        "--max-questions", type=positive_int, default=None, help="the first N questions of each subject"
+    )
     b.add_argument("--dev", default=None, help="mcq with --shots: the .jsonl the examples come from")
     b.add_argument(
         "--scoring",
@@ -191,7 +204,7 @@ def _add_evaluating(sub) -> None:
         default="chattune",
         help="lm-eval: the same prompts scored by lm-evaluation-harness (pip install lm-eval)",
     )
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=positive_int, default=8)
     b.add_argument("--output", default=None, help="directory for predictions.jsonl and metrics.json")
     b.add_argument("--system", default=None, help="system prompt (default: the adapter's)")
     b.add_argument("--device", default="auto")
@@ -219,7 +232,11 @@ def _add_runs(sub) -> None:
     )
     w.add_argument("--resume", action="store_true", help="skip finished variants, resume the interrupted one")
     w.add_argument(
-        "--gpus", type=int, default=None, metavar="N", help="run N variants side by side, one per GPU"
+        "--gpus",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run N variants side by side, one per GPU",
     )
     w.set_defaults(func=cmd_sweep)
 
@@ -258,8 +275,8 @@ def _add_serving(sub) -> None:
     s.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
-    s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    s.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests before 503")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="requests generated together")
     s.add_argument(
         "--max-body-mb",
         type=finite_float,
