@@ -453,6 +453,19 @@ def test_broken_command_line(tmp_path, capsys, argv, reason):
     assert not any((tmp_path / name).exists() for name in ("out.jsonl", "merged", "out"))
 
 
+def test_a_port_in_use_is_said_before_anything_loads(tmp_path, capsys):
+    """`serve` and `ui` name --port at once (serve used to load the model first, then print uvicorn's errno)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv in (["serve", "builtin:smollm2-135m-instruct", "--port", port], ["ui", "--port", port]):
+            assert main([*argv, *(["--runs-dir", str(tmp_path)] if argv[0] == "ui" else [])]) == 2
+            _one_clean_line(capsys, f"--port {port}")
+
+
 # -- HTTP requests: 4xx with a short message in OpenAI's shape, never a 500 ----------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, qwen_tokenizer, tmp_path_factory, one_torch_thread):
@@ -500,11 +513,11 @@ REQUESTS = [
     ("messages-missing", b'{"max_tokens": 2}', 400, "messages"),
     ("messages-text", _j(messages="hi"), 400, "messages"),
     ("messages-empty", _j(messages=[]), 400, "messages"),
-    ("role-robot", _j(messages=[{"role": "robot", "content": "hi"}]), 400, "messages.0.role"),
-    ("role-missing", _j(messages=[{"content": "hi"}]), 400, "messages.0.role"),
-    ("content-number", _j(messages=[{"role": "user", "content": 42}]), 400, "messages.0.content"),
+    ("role-robot", _j(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role"),
+    ("role-missing", _j(messages=[{"content": "hi"}]), 400, "messages[0].role"),
+    ("content-number", _j(messages=[{"role": "user", "content": 42}]), 400, "messages[0].content"),
     ("content-image", _j(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, "messages"),
-    ("content-part-text", _j(messages=[{"role": "user", "content": ["hi"]}]), 400, "messages.0.content"),
+    ("content-part-text", _j(messages=[{"role": "user", "content": ["hi"]}]), 400, "messages[0].content"),
     ("stop-17", _j(stop=["x"] * 17), 400, "stop"),
     ("stop-number", _j(stop=5), 400, "stop"),
     ("stream-n-2", _j(stream=True, n=2), 400, "n"),
@@ -525,13 +538,13 @@ REQUESTS = [
         "surrogate-user",
         b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
         400,
-        "messages.0.content",
+        "messages[0].content",
     ),
     (
         "surrogate-system",
         b'{"messages": [{"role": "system", "content": "\\udfff"}, {"role": "user", "content": "hi"}]}',
         400,
-        "messages.0.content",
+        "messages[0].content",
     ),
     (
         "surrogate-model",
@@ -543,16 +556,16 @@ REQUESTS = [
         "surrogate-stop",
         b'{"stop": ["\\udc00"], "messages": [{"role": "user", "content": "hi"}]}',
         400,
-        "stop.0",
+        "stop[0]",
     ),
     (
         "surrogate-part",
         b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
         400,
-        "messages.0.content.0.text",
+        "messages[0].content[0].text",
     ),
     ("surrogate-key", b'{"\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}', 400, "request"),
-    ("surrogate-role", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}', 400, "messages.0.role"),
+    ("surrogate-role", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}', 400, "messages[0].role"),
 ]
 
 

@@ -1,10 +1,13 @@
 """What every server chattune runs on this machine (`chattune serve`, `chattune ui`) refuses before it
-reads a request: the one rule both apply, in their middleware. A leaf: no chattune imports, no torch.
+reads a request: the one rule both apply, in their middleware; and the port check both make before
+they start. A leaf: no torch, only chattune.errors.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
+
+from chattune.errors import ChattuneError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the Host names of a server bound to this machine only
 
@@ -27,3 +30,26 @@ def cross_site_refusal(
     if method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != (host or ""):
         return "a request from another site's page is refused"
     return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Before a server loads anything: raise ChattuneError naming --port when host:port cannot be bound
+    (another program listens there; 0 asks for any free port and is not checked)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ChattuneError(f"--host {host}: cannot be resolved ({e})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ChattuneError(
+                f"--port {port}: {host}:{port} cannot be served ({e.strerror}); another program may be "
+                "listening there: pick another --port"
+            ) from None

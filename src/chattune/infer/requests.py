@@ -176,7 +176,7 @@ def check_api_key(request: Request, api_key: str | None) -> None:
 
 
 def _lone_surrogate(value: Any, where: str) -> str | None:
-    """The dotted place of the first string (key or value) in `value` holding a lone surrogate, or None."""
+    """The place (`messages[0].content`) of the first string (key or value) in `value` holding a lone surrogate, or None."""
     stack = [(value, where)]
     while stack:  # not recursive: json.loads has already bounded the depth, but a deep body costs no stack
         value, where = stack.pop()
@@ -190,7 +190,7 @@ def _lone_surrogate(value: Any, where: str) -> str | None:
                     return where or "request"
                 stack.append((v, place))
         elif isinstance(value, list):
-            stack.extend((v, f"{where}.{i}") for i, v in enumerate(value))
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
     return None
 
 

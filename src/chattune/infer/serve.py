@@ -48,7 +48,7 @@ from chattune.infer.requests import (
     check_api_key,
     prepare_request,
 )
-from chattune.local_server import LOOPBACK, cross_site_refusal
+from chattune.local_server import LOOPBACK, check_port_free, cross_site_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -415,6 +415,7 @@ def run_server(
     ]:
         if not low <= value <= high:
             raise ChattuneError(f"{flag} must be in [{low}, {high}], got {value}")
+    check_port_free(host, port)  # before the model loads: minutes later is too late to hear it
     paths = path_or_paths if isinstance(path_or_paths, list) else [path_or_paths]
     if engine == "vllm":
         from chattune.infer.serve_vllm import run_vllm

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from chattune.console import say
 from chattune.errors import ChattuneError, ConfigError
 from chattune.files import atomic_path
-from chattune.local_server import LOOPBACK, cross_site_refusal
+from chattune.local_server import LOOPBACK, check_port_free, cross_site_refusal
 from chattune.ui import launch, runs, schema
 from chattune.ui.live import event_stream, first_or_error, sse_pieces
 
@@ -377,6 +377,7 @@ def run_ui(runs_dir: str, host: str = "127.0.0.1", port: int = 7860, api_key: st
         raise ChattuneError(
             f"--host {host}: serving beyond this machine needs --api-key KEY (or CHATTUNE_API_KEY)"
         )
+    check_port_free(host, port)
     app = build_app(runs_dir, api_key=api_key, allowed_hosts=LOOPBACK if host in LOOPBACK else ())
     shown = f"[{host}]" if ":" in host else host
     key = f"/?key={api_key}" if api_key else "/"
