@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from chattune.cli.args import positive_int
 from chattune.console import say, tally
 from chattune.render.preflight import preflight, require_examples
 from chattune.render.stats import format_stats, length_table, write_histogram_png
@@ -228,7 +229,6 @@ def cmd_convert(args) -> int:
 
 def add_data_parser(sub) -> None:
     """Add the `data` subcommand group to the CLI's subparsers."""
-    from chattune.cli.parser import positive_int  # here: parser imports this module
 
     d = sub.add_parser("data", help="convert, check, inspect and preview training data")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from chattune.cli.args import positive_int
 from chattune.cli.commands import (
     cmd_bench,
     cmd_chat,
@@ -24,17 +25,6 @@ from chattune.cli.commands import (
 )
 from chattune.errors import ChattuneError
 from chattune.ui import add_ui_parser  # light: the web app loads when `chattune ui` runs
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (a count, a batch, a token budget), refused before any model loads."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text[:40]!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def finite_float(text: str) -> float:
