@@ -158,7 +158,7 @@ def answer_message(text: str) -> dict[str, str]:
     splitter = ReasoningSplitter()
     deltas = splitter.feed(text) + splitter.finish()
     content = "".join(d.get("content", "") for d in deltas)
-    if splitter.state == "plain" or splitter.state == "start":
+    if splitter.state == "plain":  # finish() leaves no text in "start"
         return {"role": "assistant", "content": content}
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     return {"role": "assistant", "content": content, "reasoning_content": reasoning}
